@@ -1,0 +1,123 @@
+"""Forward and forward+backward tokens/s of our Qwen2 against transformers' on the same config and weights.
+
+    python bench/model_bench.py [--layers 4 --hidden 256 --batch 8 --seq 256 --repeats 5] [--json]
+
+Both run in this process on the CPU in float32; the ratio (ours / transformers) is what BENCHMARKS.md records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers
+
+import metastone_jax as ms
+
+
+def _best_of(fn, repeats: int) -> float:
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    args = parser.parse_args()
+
+    config = transformers.Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    reference = transformers.Qwen2ForCausalLM(config).float()
+    reference.config._attn_implementation = "sdpa"
+    with tempfile.TemporaryDirectory() as path:
+        reference.save_pretrained(path)
+        ours = ms.load_hf(path, with_head=False)
+
+    tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq))
+    torch_tokens = torch.from_numpy(tokens).long()
+    jax_tokens = jnp.asarray(tokens, jnp.int32)
+    module, params = ours.module, ours.params
+
+    @jax.jit
+    def forward(params, tokens):
+        return module.apply({"params": params}, tokens).logits
+
+    def loss(params, tokens):
+        logits = module.apply({"params": params}, tokens).logits[:, :-1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    grad = jax.jit(jax.grad(loss))
+
+    def torch_forward():
+        with torch.no_grad():
+            reference(torch_tokens).logits.sum().item()
+
+    def torch_backward():
+        reference.zero_grad(set_to_none=True)
+        logits = reference(torch_tokens).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, args.vocab), torch_tokens[:, 1:].reshape(-1)).backward()
+
+    runs = {
+        "forward": (lambda: forward(params, jax_tokens).block_until_ready(), torch_forward),
+        "forward+backward": (lambda: jax.block_until_ready(grad(params, jax_tokens)), torch_backward),
+    }
+    tokens_per_step = args.batch * args.seq
+    rows = []
+    for name, (ours_fn, theirs_fn) in runs.items():
+        ours_s, _ = _best_of(ours_fn, args.repeats)
+        theirs_s, _ = _best_of(theirs_fn, args.repeats)
+        rows.append(
+            {
+                "pass": name,
+                "ours_tokens_per_s": tokens_per_step / ours_s,
+                "transformers_tokens_per_s": tokens_per_step / theirs_s,
+                "ratio": theirs_s / ours_s,
+            }
+        )
+    if args.json:
+        for row in rows:
+            print(json.dumps({**row, **vars(args), "torch_threads": torch.get_num_threads()}))
+        return
+    print(
+        f"Qwen2 {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, "
+        f"batch {args.batch} x seq {args.seq}, float32, CPU, torch threads {torch.get_num_threads()}"
+    )
+    print(f"{'pass':<18} {'ours tok/s':>12} {'transformers tok/s':>20} {'ratio':>7}")
+    for row in rows:
+        print(
+            f"{row['pass']:<18} {row['ours_tokens_per_s']:>12.0f} {row['transformers_tokens_per_s']:>20.0f} "
+            f"{row['ratio']:>6.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

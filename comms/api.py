@@ -1,0 +1,136 @@
+"""The one interface every relaxed-communication algorithm implements.
+
+A train step runs as a `jax.shard_map` that is manual over the replica axis (default `data`) and leaves
+`fsdp`/`tensor` to the compiler. Inside it every replica sees its own gradients, parameters and algorithm
+state *without* the replica dimension, and calls, in order:
+
+    params, state = algorithm.mix_parameters(params, state, step)         # before the optimizer (gossip)
+    grads, state = algorithm.reduce_gradients(grads, state, step)        # before the optimizer
+    updates, opt_state = tx.update(grads, opt_state, params)              # tx = algorithm.optimizer(...)
+    params = optax.apply_updates(params, updates)
+    params, state = algorithm.sync_parameters(params, state, step)        # after the optimizer
+
+Outside the shard_map every per-replica leaf (parameters, optimizer state, algorithm state) carries a
+leading replica dimension sharded over the replica axis, so that algorithms that let replicas differ
+(decentralized, local SGD, error-feedback buffers) and those that keep them bit-identical share one layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+ALGORITHMS: dict[str, type["CommAlgorithm"]] = {}
+
+
+def register(name: str) -> Callable[[type["CommAlgorithm"]], type["CommAlgorithm"]]:
+    """Class decorator: makes an algorithm available as `comms.get(name, ...)`."""
+
+    def decorate(cls):
+        if name in ALGORITHMS:
+            raise ValueError(f"communication algorithm {name!r} is registered twice")
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+
+    return decorate
+
+
+@dataclasses.dataclass(frozen=True)
+class CommAlgorithm:
+    """Base class: full-precision gradient all-reduce, the baseline every other algorithm is measured against.
+
+    Subclasses override what they change. All hooks run inside the shard_map, on one replica's values.
+    """
+
+    name: ClassVar[str] = "base"
+    # True where replicas must stay bit-identical (the parameters after a step are a function of the average).
+    centralized: ClassVar[bool] = True
+
+    axis_name: str = "data"
+
+    def init(self, params: PyTree) -> PyTree:
+        """Per-replica algorithm state for one replica's `params` (error buffers, neighbour copies, ...)."""
+        return ()
+
+    def reduce_gradients(self, grads: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+        """What the replicas exchange before the optimizer; `step` is the 0-based global step."""
+        return jax.tree.map(lambda g: jax.lax.pmean(g, self.axis_name), grads), state
+
+    def mix_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+        """What the replicas exchange of the parameters the gradients were computed at, before the optimizer."""
+        return params, state
+
+    def sync_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+        """What the replicas exchange after the optimizer has updated their parameters."""
+        return params, state
+
+    def optimizer(
+        self,
+        learning_rate: optax.ScalarOrSchedule,
+        *,
+        b1: float = 0.9,
+        b2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> optax.GradientTransformation:
+        """The optimizer this algorithm runs with: AdamW, unless the algorithm fuses communication into it."""
+        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def get(name: str, **options: Any) -> CommAlgorithm:
+    """The algorithm registered as `name`, built with `options`; a clear error names the valid choices."""
+    import comms  # noqa: F401  (importing the package registers every algorithm)
+
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown communication algorithm {name!r}; choose one of: {', '.join(sorted(ALGORITHMS))}")
+    cls = ALGORITHMS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(
+            f"communication algorithm {name!r} has no option(s) {', '.join(unknown)}; "
+            f"its options are: {', '.join(sorted(fields))}"
+        )
+    return cls(**options)
+
+
+def replicate(tree: PyTree, num_replicas: int) -> PyTree:
+    """Adds the leading replica dimension: every replica starts from the same values."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_replicas, *jnp.shape(x))), tree)
+
+
+def strip_replica_dim(tree: PyTree) -> PyTree:
+    """Inside the shard_map a replica's block has a leading dimension of 1; the hooks work without it."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def add_replica_dim(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+register("pmean")(CommAlgorithm)
+
+
+def apply_gradients(
+    algorithm: CommAlgorithm,
+    tx: optax.GradientTransformation,
+    grads: PyTree,
+    params: PyTree,
+    opt_state: PyTree,
+    comm_state: PyTree,
+    step: jax.Array,
+) -> tuple[PyTree, PyTree, PyTree]:
+    """One replica's update inside the shard_map: mix parameters, exchange gradients, optimize, synchronize."""
+    params, comm_state = algorithm.mix_parameters(params, comm_state, step)
+    grads, comm_state = algorithm.reduce_gradients(grads, comm_state, step)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params, comm_state = algorithm.sync_parameters(params, comm_state, step)
+    return params, opt_state, comm_state

@@ -1,0 +1,147 @@
+"""The reflective model: the Qwen2 policy and the SPRM head on one backbone, in one forward pass."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metastone_jax.config import Qwen2Config
+from metastone_jax.models.qwen2 import KVCache, Qwen2Model, attention_mask
+from metastone_jax.models.sprm import SPRMHead
+
+Dtype = Any
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [batch, seq, vocab] float32
+    features: jax.Array  # [batch, seq, hidden]: input to the last decoder layer (transformers' hidden_states[-2])
+    step_logits: jax.Array | None  # [batch, seq] float32 SPRM logits, None without a head
+    cache: KVCache | None
+
+
+class ReflectiveModel(nn.Module):
+    """Parameters: {"model": backbone, "lm_head": untied head (absent when tied), "sprm": head (when with_head)}."""
+
+    config: Qwen2Config
+    with_head: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        cfg = self.config
+        self.model = Qwen2Model(cfg, self.dtype, self.param_dtype, self.remat)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")),
+            )
+        if self.with_head:
+            self.sprm = SPRMHead(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        kv_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+        *,
+        deterministic: bool = True,
+        sprm_backbone_grad_scale: float = 1.0,
+    ) -> ModelOutput:
+        """tokens [batch, seq] at cache slots [cache_index, cache_index + seq).
+
+        positions [batch, seq] default 0..seq-1; kv_mask [batch, kv_len] marks valid key slots (kv_len is the cache
+        length with a cache, seq without); `sprm_backbone_grad_scale` is the fraction of the SPR gradient that
+        reaches the backbone (0 detaches the head).
+        """
+        batch, seq = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(cache_index + jnp.arange(seq), (batch, seq))
+        if kv_mask is None:
+            kv_len = seq if cache is None else cache["k"].shape[2]
+            kv_mask = jnp.ones((batch, kv_len), bool)
+        mask = attention_mask(kv_mask, seq, cache_index)
+        hidden, features, cache = self.model(tokens, positions, mask, cache, cache_index)
+        if self.config.tie_word_embeddings:
+            logits = self.model.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        step_logits = None
+        if self.with_head:
+            # f·s + sg(f)·(1−s) written so that the forward value is f bit for bit: f − sg(f) is exactly 0.
+            detached = jax.lax.stop_gradient(features)
+            head_input = detached + sprm_backbone_grad_scale * (features - detached)
+            step_logits = self.sprm(head_input, deterministic=deterministic)
+        return ModelOutput(logits, features, step_logits, cache)
+
+
+def _abstract_params(module: ReflectiveModel) -> Any:
+    return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def param_shardings(module: ReflectiveModel, mesh: jax.sharding.Mesh, rules=None) -> Any:
+    """NamedShardings of every parameter on `mesh` through the logical-axis rules table.
+
+    A dimension that the mapped mesh axes do not divide (a vocabulary of 97 over 2 devices) stays replicated.
+    """
+    from metastone_jax.sharding import LOGICAL_RULES, fit_spec
+
+    abstract = _abstract_params(module)
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules or LOGICAL_RULES)
+    return jax.tree.map(
+        lambda box, spec: jax.sharding.NamedSharding(mesh, fit_spec(spec, box.value.shape, mesh)),
+        abstract,
+        specs,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
+
+
+def init_params(module: ReflectiveModel, key: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Any:
+    """Randomly initialised parameters (plain arrays), created directly in their sharding when `mesh` is given."""
+
+    def init(key):
+        return nn.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+
+    if mesh is None:
+        return jax.jit(init)(key)
+    return jax.jit(init, out_shardings=param_shardings(module, mesh))(key)
+
+
+@dataclasses.dataclass
+class Model:
+    """A ReflectiveModel with its parameters (and the mesh they live on): call it on token ids."""
+
+    module: ReflectiveModel
+    params: Any
+    mesh: jax.sharding.Mesh | None = None
+
+    @property
+    def config(self) -> Qwen2Config:
+        return self.module.config
+
+    def __call__(self, tokens: jax.Array, **kwargs) -> ModelOutput:
+        """tokens [batch, seq] int -> ModelOutput(logits, features, step_logits, cache); kwargs as ReflectiveModel."""
+        from metastone_jax.sharding import LOGICAL_RULES
+
+        with contextlib.ExitStack() as stack:
+            if self.mesh is not None:
+                stack.enter_context(jax.set_mesh(self.mesh))
+                stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
+            return _forward(self.module, self.params, jnp.asarray(tokens, jnp.int32), **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(module: ReflectiveModel, params: Any, tokens: jax.Array, **kwargs) -> ModelOutput:
+    return module.apply({"params": params}, tokens, **kwargs)

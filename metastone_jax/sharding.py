@@ -1,0 +1,102 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Mesh axes: `data` is the replica axis the relaxed-communication algorithms run over (the slow links);
+`fsdp` and `tensor` shard the model inside a replica group and are left to the compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Parameters use the plain names, activations the `act_` ones, so that one table can shard weights over
+# `fsdp` (ZeRO-3 style) while activations shard their batch over `data` and `fsdp`.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_length", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; one of them may be -1 to take all remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        described = " x ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh {described}: every axis size must be a positive integer or -1")
+        if sizes.count(-1) > 1:
+            raise ValueError(f"mesh {described}: at most one axis may be -1 (take the remaining devices)")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"mesh {described}: {num_devices} devices are not divisible by the fixed axes' product {known}"
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        elif known != num_devices:
+            raise ValueError(
+                f"mesh {described} needs {known} devices but {num_devices} are available; "
+                f"make the product of the axis sizes equal {num_devices} or set one axis to -1"
+            )
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (all devices by default), with Auto axis types."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.shape(len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_rules(manual_axes: Sequence[str] = ()) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """The rules table without `manual_axes` (inside a shard_map manual over `data` the compiler owns the rest)."""
+
+    def keep(target):
+        if target is None or isinstance(target, str):
+            return None if target in manual_axes else target
+        kept = tuple(a for a in target if a not in manual_axes)
+        return kept or None
+
+    return tuple((name, keep(target)) for name, target in LOGICAL_RULES)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """`spec` with the mesh axes dropped from every dimension of `shape` that they do not divide evenly."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if names and dim % math.prod(mesh.shape[a] for a in names):
+            names = ()
+        fitted.append(names[0] if len(names) == 1 else (names or None))
+    return PartitionSpec(*fitted)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
