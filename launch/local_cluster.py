@@ -1,0 +1,208 @@
+"""Starts N JAX processes on this host, optionally behind an emulated slow link.
+
+    python -m launch.local_cluster --num-processes 2 [--bandwidth 1gbit] [--latency 5ms] -- <module or script.py> [args]
+
+Every child gets its rank, the process count and the coordinator address in environment variables and calls
+`initialize_from_env()`, which joins `jax.distributed` with CPU collectives over gloo. With --bandwidth/--latency
+the children run inside a fresh network namespace whose loopback is shaped with `tc` (tbf for bandwidth, netem
+for latency); all traffic stays on 127.0.0.1 inside it. This needs root and iproute2 (`apt-get install iproute2`).
+Output lines are prefixed with the child's rank; the launch fails, and stops the others, when any child fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from typing import Iterator
+
+COORDINATOR_ENV = "METASTONE_COORDINATOR"
+NUM_PROCESSES_ENV = "METASTONE_NUM_PROCESSES"
+PROCESS_ID_ENV = "METASTONE_PROCESS_ID"
+
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$")
+_RATE_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+_DELAY = re.compile(r"^\d+(?:\.\d+)?(us|ms|s)$")
+# The loopback device sends frames up to 64 KiB; a token bucket must hold at least one.
+_LOOPBACK_MTU = 65536
+
+
+def initialize_from_env() -> tuple[int, int]:
+    """Joins the cluster described by the launcher's environment variables; returns (process_id, num_processes).
+
+    Outside a launch (no variables) it does nothing and returns (0, 1).
+    """
+    import jax
+
+    if COORDINATOR_ENV not in os.environ:
+        return 0, 1
+    process_id, num_processes = int(os.environ[PROCESS_ID_ENV]), int(os.environ[NUM_PROCESSES_ENV])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=os.environ[COORDINATOR_ENV], num_processes=num_processes, process_id=process_id
+    )
+    return process_id, num_processes
+
+
+def bandwidth_bits_per_second(rate: str) -> float:
+    """'1gbit' -> 1e9; a clear error for anything `tc` would not read as a rate."""
+    match = _RATE.match(rate)
+    if not match:
+        raise ValueError(f"--bandwidth {rate!r} is not a rate like 100mbit, 1gbit or 10gbit")
+    return float(match.group(1)) * _RATE_BITS[match.group(2)]
+
+
+def shaping_commands(bandwidth: str | None, latency: str | None) -> list[list[str]]:
+    """The `tc` commands that shape `lo`: tbf for a bandwidth alone, netem when a latency is asked for.
+
+    Each packet crosses `lo` once, so a latency of d gives a round trip of 2d.
+    """
+    if latency is not None and not _DELAY.match(latency):
+        raise ValueError(f"--latency {latency!r} is not a delay like 500us, 5ms or 0.1s")
+    qdisc = ["tc", "qdisc", "add", "dev", "lo", "root"]
+    if latency is None:
+        bytes_per_second = bandwidth_bits_per_second(bandwidth) / 8
+        # A burst of ~2 ms of traffic (at least two frames) keeps the rate exact without starving one flow; the
+        # queue holds 0.5 s so that TCP sees delay rather than drops.
+        burst = max(2 * _LOOPBACK_MTU, int(bytes_per_second * 0.002))
+        limit = max(4 * burst, int(bytes_per_second * 0.5))
+        return [[*qdisc, "tbf", "rate", bandwidth, "burst", str(burst), "limit", str(limit)]]
+    netem = [*qdisc, "netem", "delay", latency, "limit", "100000"]
+    if bandwidth is not None:
+        bandwidth_bits_per_second(bandwidth)
+        netem += ["rate", bandwidth]
+    return [netem]
+
+
+def _check_rights(need_netem: bool) -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("--bandwidth/--latency need root: they create a network namespace and shape it with tc.")
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"--bandwidth/--latency need {' and '.join(missing)}; install them with: apt-get install iproute2")
+    if need_netem and not os.path.exists("/sys/module/sch_netem") and subprocess.run(
+        ["modprobe", "sch_netem"], capture_output=True
+    ).returncode:
+        raise SystemExit("--latency needs the netem queueing discipline (sch_netem), which this kernel does not offer.")
+
+
+@contextlib.contextmanager
+def shaped_namespace(bandwidth: str | None, latency: str | None) -> Iterator[list[str]]:
+    """A network namespace with a shaped loopback, removed on exit; yields the command prefix that enters it."""
+    commands = shaping_commands(bandwidth, latency)
+    _check_rights(need_netem=latency is not None)
+    name = f"metastone-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        enter = ["ip", "netns", "exec", name]
+        subprocess.run([*enter, "ip", "link", "set", "lo", "up"], check=True)
+        for command in commands:
+            subprocess.run([*enter, *command], check=True)
+        yield enter
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def child_command(program: list[str]) -> list[str]:
+    """`script.py args` runs the script, anything else runs as `python -m module args`."""
+    if program[0].endswith(".py"):
+        return [sys.executable, *program]
+    return [sys.executable, "-m", *program]
+
+
+def _relay(rank: int, stream, lock: threading.Lock) -> None:
+    for line in iter(stream.readline, ""):
+        with lock:
+            sys.stdout.write(f"[{rank}] {line}")
+            sys.stdout.flush()
+
+
+def run_children(program: list[str], num_processes: int, prefix: list[str], port: int) -> int:
+    """Runs the children, relays their output, returns 0 or the first failing child's exit code."""
+    children, relays, lock = [], [], threading.Lock()
+    try:
+        for rank in range(num_processes):
+            env = {
+                **os.environ,
+                COORDINATOR_ENV: f"127.0.0.1:{port}",
+                NUM_PROCESSES_ENV: str(num_processes),
+                PROCESS_ID_ENV: str(rank),
+                "PYTHONUNBUFFERED": "1",
+            }
+            child = subprocess.Popen(
+                [*prefix, *child_command(program)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            children.append(child)
+            relays.append(threading.Thread(target=_relay, args=(rank, child.stdout, lock), daemon=True))
+            relays[-1].start()
+        return _wait_for_all(children)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        for relay in relays:
+            relay.join(timeout=5)
+
+
+def _wait_for_all(children: list[subprocess.Popen]) -> int:
+    """Waits until every child exits; the first failure stops the rest (they would wait for it forever)."""
+    running = list(range(len(children)))
+    while running:
+        for rank in list(running):
+            try:
+                code = children[rank].wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+            running.remove(rank)
+            if code != 0:
+                print(f"local_cluster: process {rank} failed with exit code {code}; stopping the others", file=sys.stderr)
+                return code
+    return 0
+
+
+def _raise_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.local_cluster", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-processes", type=int, required=True, help="how many JAX processes to start")
+    parser.add_argument("--bandwidth", help="emulated link rate, e.g. 1gbit or 100mbit (needs root)")
+    parser.add_argument("--latency", help="emulated one-way delay, e.g. 5ms (needs root and netem)")
+    parser.add_argument("--port", type=int, help="coordinator port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("program", nargs=argparse.REMAINDER, help="-- then a module or script.py and its arguments")
+    args = parser.parse_args(argv)
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        parser.error("give the program to run after --, e.g. -- metastone_jax.train or -- script.py")
+    if args.num_processes < 1:
+        parser.error(f"--num-processes must be at least 1, got {args.num_processes}")
+    # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so the children stop and the namespace goes away.
+    signal.signal(signal.SIGTERM, _raise_on_signal)
+    port = args.port or free_port()
+    if args.bandwidth is None and args.latency is None:
+        return run_children(program, args.num_processes, [], port)
+    try:
+        shaping_commands(args.bandwidth, args.latency)
+    except ValueError as error:
+        parser.error(str(error))
+    with shaped_namespace(args.bandwidth, args.latency) as prefix:
+        return run_children(program, args.num_processes, prefix, port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The local cluster launcher: 2 processes over gloo give the numbers of one process with 2 devices.
+
+Run as a module (`python -m tests.launch.test_local_cluster OUT.npz`) this file is also the child program.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from launch import local_cluster
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ALGORITHMS = [
+    ("pmean", {}),
+    ("decentralized", {"peer_mode": "shift_one"}),
+    ("low_precision_decentralized", {}),
+    ("local_sgd", {"period": 2}),
+]
+NUM_STEPS = 4
+
+
+def train_all(fetch):
+    """{algorithm: losses [steps, 2]} and final parameters, from harness training on 2 replicas."""
+    import jax
+
+    import comms
+    from tests.comms import harness
+
+    results = {}
+    for name, options in ALGORITHMS:
+        params, losses = harness.train(comms.get(name, **options), num_replicas=2, num_steps=NUM_STEPS)
+        results[f"{name}/losses"] = losses
+        for i, leaf in enumerate(jax.tree.leaves(params)):
+            results[f"{name}/param{i}"] = fetch(leaf)
+    return results
+
+
+def launch(*options, timeout=300):
+    """Runs this file as the child program under the launcher, with one CPU device per process."""
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "launch.local_cluster", *options]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_same_as_in_process(output_file, launched):
+    from tests.comms import harness
+
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    assert "[0] " in launched.stdout and "[1] " in launched.stdout
+    expected = train_all(harness.fetch)
+    got = np.load(output_file)
+    assert sorted(got.files) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_two_processes_over_gloo_match_one_process_with_two_devices(tmp_path):
+    output_file = tmp_path / "results.npz"
+    launched = launch("--num-processes", "2", "--", "tests.launch.test_local_cluster", str(output_file))
+    assert_same_as_in_process(output_file, launched)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the shaped namespace needs root (ip netns, tc)")
+def test_two_processes_behind_a_shaped_loopback_match_one_process(tmp_path):
+    output_file = tmp_path / "results.npz"
+    launched = launch(
+        "--num-processes", "2", "--bandwidth", "100mbit", "--", "tests.launch.test_local_cluster", str(output_file)
+    )
+    assert_same_as_in_process(output_file, launched)
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "metastone-" not in namespaces, "the launcher left its network namespace behind"
+
+
+def test_a_failing_child_fails_the_launch_and_stops_the_others(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, sys, time
+            if os.environ["{local_cluster.PROCESS_ID_ENV}"] == "1":
+                print("giving up")
+                sys.exit(3)
+            time.sleep(120)
+            """
+        )
+    )
+    launched = launch("--num-processes", "2", "--", str(script), timeout=60)
+    assert launched.returncode == 3
+    assert "[1] giving up" in launched.stdout
+    assert "process 1 failed with exit code 3" in launched.stderr
+
+
+def test_shaping_uses_tbf_for_bandwidth_and_netem_for_latency():
+    (tbf,) = local_cluster.shaping_commands("1gbit", None)
+    assert tbf[:7] == ["tc", "qdisc", "add", "dev", "lo", "root", "tbf"] and tbf[7:9] == ["rate", "1gbit"]
+    (netem,) = local_cluster.shaping_commands("10gbit", "5ms")
+    assert netem[6:9] == ["netem", "delay", "5ms"] and netem[-2:] == ["rate", "10gbit"]
+    assert local_cluster.bandwidth_bits_per_second("2.5gbit") == 2.5e9
+
+
+@pytest.mark.parametrize("bandwidth, latency, message", [("fast", None, "not a rate"), ("1gbit", "5 ms", "not a delay")])
+def test_bad_link_settings_are_refused_with_their_value(bandwidth, latency, message):
+    with pytest.raises(ValueError, match=message):
+        local_cluster.shaping_commands(bandwidth, latency)
+
+
+def test_shaping_without_root_is_refused_with_a_clear_sentence(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit, match="need root"):
+        local_cluster._check_rights(need_netem=False)
+
+
+if __name__ == "__main__":
+    from launch.local_cluster import initialize_from_env
+
+    process_id, _ = initialize_from_env()
+    from tests.comms import harness
+
+    results = train_all(harness.fetch)
+    if process_id == 0:
+        np.savez(sys.argv[1], **results)
