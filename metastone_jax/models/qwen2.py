@@ -115,13 +115,9 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("act_batch", "cache_length", "act_kv_heads", None))
         v = nn.with_logical_constraint(v, ("act_batch", "cache_length", "act_kv_heads", None))
 
-        batch, seq = q.shape[:2]
-        groups = heads // kv_heads
-        q = q.reshape(batch, seq, kv_heads, groups, head_dim)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(self.dtype)).reshape(batch, seq, heads, head_dim)
+        out = jax.nn.dot_product_attention(
+            q, k.astype(self.dtype), v.astype(self.dtype), mask=mask[:, None], scale=head_dim**-0.5
+        )  # [batch, seq, heads, head_dim]; GQA handled by the kernel
         out = HeadProjection(
             (cfg.hidden_size,),
             ("heads", "head_dim", "embed"),
