@@ -13,3 +13,8 @@ from comms.api import (
     replicate,
     strip_replica_dim,
 )
+import comms.decentralized  # noqa: E402,F401  (registers decentralized, low_precision_decentralized)
+import comms.local_sgd  # noqa: E402,F401  (registers local_sgd)
+import comms.centralized  # noqa: E402,F401  (registers bytegrad, onebit, hierarchical)
+import comms.onebit_adam  # noqa: E402,F401  (registers onebit_adam, qadam)
+from comms.wire import wire_bytes  # noqa: E402

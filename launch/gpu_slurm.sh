@@ -20,4 +20,4 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 
 # Every task sees all GPUs of its node; jax picks the one at index SLURM_LOCALID (restricting
 # CUDA_VISIBLE_DEVICES per task, e.g. with --gpus-per-task, would make that index wrong).
-srun --kill-on-bad-exit=1 "${PYTHON}" -m metastone_jax.train "$@"
+srun --kill-on-bad-exit=1 "${PYTHON}" -m metastone_jax.train --distributed "$@"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs `python -m metastone_jax.train` on every worker of a Cloud TPU VM pod slice.
 #
-#   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh config=configs/qwen2_1p5b.yaml [key=value ...]
+#   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh qwen2_1.5b [key=value ...]
 #
 # Every worker runs the same command; on TPU `jax.distributed.initialize()` needs no arguments (the workers
-# find each other through the TPU metadata), so the trainer's own initialisation is all it takes. For several
+# find each other through the TPU metadata), so `--distributed` is all it takes. For several
 # slices joined over DCN, create them as one multi-slice queued resource and run this once per slice, or point
 # TPU_NAME at each slice in turn; the `data` mesh axis then spans the slices (the slow link the relaxed
 # communication algorithms are for). REPO_DIR must hold this repository on every worker (e.g. a git clone).
@@ -20,4 +20,4 @@ PYTHON=${PYTHON:-python3}
 ARGS=$(printf ' %q' "$@")
 
 gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" ${PROJECT_FLAG} --worker=all \
-  --command="cd ${REPO_DIR} && ${PYTHON} -m metastone_jax.train${ARGS}"
+  --command="cd ${REPO_DIR} && ${PYTHON} -m metastone_jax.train --distributed${ARGS}"

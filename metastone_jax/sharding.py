@@ -10,7 +10,6 @@ import dataclasses
 import math
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

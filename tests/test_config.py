@@ -6,9 +6,9 @@ import re
 import pytest
 
 import comms
-from metastone_jax.config import (
+from metastone_jax.config import RunConfig
+from metastone_jax.config_loading import (
     ConfigError,
-    RunConfig,
     load_config,
     preset_names,
     resolve_run_dir,

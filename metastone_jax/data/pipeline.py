@@ -35,18 +35,19 @@ def arithmetic_dataset(task: ArithmeticTask, batch_size: int, *, num_examples: i
     return _finish(indices.map(task.sample), batch_size, shard_index, shard_count, num_threads)
 
 
-def file_dataset(path: str, batch_size: int, *, question_field: str = "question", answer_field: str = "answer",
+def file_dataset(path: str | Sequence[str], batch_size: int, *, question_field: str = "question", answer_field: str = "answer",
                  answer_format: str = "auto", shuffle_seed: int | None = 0, num_epochs: int | None = 1,
                  shard_index: int | None = None, shard_count: int | None = None,
                  num_threads: int = 1) -> grain.IterDataset:
-    """Batches of {"question", "answer"} read from a local .jsonl or .parquet file (GSM8K/MATH style).
+    """Batches of {"question", "answer"} read from local .jsonl / .parquet file(s) (GSM8K/MATH style).
 
     answer_format: "plain" keeps the field, "gsm8k" takes the text after "####", "boxed" the last \\boxed{},
     "auto" picks per record. Each epoch is shuffled anew unless shuffle_seed is None; num_epochs=None repeats
     forever. Shards default to this JAX process.
     """
-    records = load_records(path, question_field=question_field, answer_field=answer_field,
-                           answer_format=answer_format)
+    paths = [path] if isinstance(path, str) else list(path)
+    records = [record for p in paths for record in load_records(
+        p, question_field=question_field, answer_field=answer_field, answer_format=answer_format)]
     dataset = grain.MapDataset.source(records)
     if shuffle_seed is not None:
         dataset = dataset.shuffle(seed=shuffle_seed)

@@ -205,7 +205,10 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
 
     def __call__(self, tokens, positions, mask, cache: KVCache | None, cache_index):
-        x = self.embed_tokens(tokens)
+        # FSDP semantics: gather the table whole before the lookup. (A lookup from the fsdp-sharded table with a
+        # batch-sharded result aborts XLA's partitioner inside a shard_map manual over `data`, jax 0.10.2.)
+        table = nn.with_logical_constraint(self.embed_tokens.embedding, (None, None))
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         (x, last_layer_input), cache = self.layers((x, x), cache, positions, mask, cache_index)
         return self.norm(x), last_layer_input, cache

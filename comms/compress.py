@@ -1,0 +1,91 @@
+"""Compressors whose payloads go over the wire as `uint8`: 1-bit sign+scale and BAGUA's MinMaxUInt8.
+
+Every compressor works along the last axis, so a `[chunks, chunk_len]` array compresses chunk by chunk.
+Only the small per-chunk headers (a scale, or min and max) stay float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Bit j of a packed byte holds element 8*i + j, most significant bit first (the order of numpy.packbits).
+_BIT_SHIFTS = jnp.arange(7, -1, -1, dtype=jnp.uint8)
+# MinMaxUInt8 keeps a zero range from dividing by zero (BAGUA's constant).
+_MINMAX_EPS = 1e-7
+_LEVELS = 255.0
+
+
+def padded_size(numel: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that holds `numel` values."""
+    return math.ceil(numel / multiple) * multiple
+
+
+def pad_to_multiple(flat: jax.Array, multiple: int) -> jax.Array:
+    """Appends zeros to a 1-D vector so that its length is a multiple of `multiple`."""
+    return jnp.pad(flat, (0, padded_size(flat.shape[0], multiple) - flat.shape[0]))
+
+
+def signs(x: jax.Array) -> jax.Array:
+    """+1 where x >= 0 (zero counts as positive, as in DeepSpeed), -1 elsewhere, in x's dtype."""
+    return jnp.where(x >= 0, 1, -1).astype(x.dtype)
+
+
+def pack_signs(x: jax.Array) -> jax.Array:
+    """Packs the signs of x ([..., 8*m]) into bytes ([..., m] uint8); a set bit means x >= 0."""
+    if x.shape[-1] % 8:
+        raise ValueError(f"pack_signs needs a last axis that is a multiple of 8, got shape {x.shape}")
+    bits = (x >= 0).astype(jnp.uint8).reshape(*x.shape[:-1], -1, 8)
+    return jnp.sum(bits << _BIT_SHIFTS, axis=-1, dtype=jnp.uint8)
+
+
+def unpack_signs(packed: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """The inverse of `pack_signs`: [..., m] uint8 -> [..., 8*m] of +1/-1."""
+    bits = (packed[..., None] >> _BIT_SHIFTS) & 1
+    return (bits.astype(dtype) * 2 - 1).reshape(*packed.shape[:-1], -1)
+
+
+def onebit_scale(x: jax.Array) -> jax.Array:
+    """The 1-bit scale ||x||_2 / sqrt(len) over the last axis, so that scale * sign(x) keeps x's norm."""
+    return jnp.linalg.norm(x, axis=-1) / jnp.sqrt(jnp.asarray(x.shape[-1], x.dtype))
+
+
+def onebit_compress(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """1-bit compression of [..., 8*m]: (packed signs [..., m] uint8, scales [...], error x - decoded)."""
+    scale = onebit_scale(x)
+    error = x - scale[..., None] * signs(x)
+    return pack_signs(x), scale, error
+
+
+def onebit_decompress(packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """scale * sign, from packed signs [..., m] and scales [...]."""
+    return scale[..., None] * unpack_signs(packed, scale.dtype)
+
+
+def _minmax_grid(minmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scale, upper, lower) of the MinMaxUInt8 grid for [..., 2] (min, max); both ends compute it alike."""
+    low, high = minmax[..., 0:1], minmax[..., 1:2]
+    scale = _LEVELS / (high - low + _MINMAX_EPS)
+    upper = jnp.rint(high * scale)
+    return scale, upper, upper - _LEVELS
+
+
+def minmax_uint8_compress(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """BAGUA's MinMaxUInt8 over the last axis: (codes uint8 like x, header [..., 2] float (min, max))."""
+    minmax = jnp.stack([jnp.min(x, axis=-1), jnp.max(x, axis=-1)], axis=-1)
+    scale, upper, lower = _minmax_grid(minmax)
+    # rint rounds half to even, like the reference; min() keeps rounding at the top inside 255 levels.
+    codes = jnp.minimum(jnp.rint(x * scale), upper) - lower
+    return codes.astype(jnp.uint8), minmax
+
+
+def minmax_uint8_decompress(codes: jax.Array, minmax: jax.Array) -> jax.Array:
+    """(q + lower) / scale, with the grid recomputed from the (min, max) header."""
+    _, _, lower = _minmax_grid(minmax)
+    # Dividing by scale is multiplying by (max - min + 1e-7) / 255. Compilers rewrite divisions by a broadcast
+    # (XLA turns them into products with a reciprocal, folded in whatever order it likes); this explicit product
+    # with the constant 1/255 is left alone, so every backend and the NumPy reference round alike.
+    inverse_scale = (minmax[..., 1:2] - minmax[..., 0:1] + _MINMAX_EPS) * (1 / _LEVELS)
+    return (codes.astype(minmax.dtype) + lower) * inverse_scale

@@ -1,0 +1,248 @@
+"""`python -m metastone_jax.evaluate`: test-time scaling (low / medium / high = 2 / 8 / 32 samples) with the SPRM.
+
+For every question it samples n trajectories once, scores each from the hidden states the sampler computed anyway
+(no second forward pass), and evaluates every mode on the same samples as the released evaluation does: groups of k
+out of n, the pick of each group, averaged over groups. Writes `eval.json`, `samples.jsonl` and `scaling.png`
+(accuracy against thinking compute = parameters x generated tokens) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from metastone_jax import tts
+from metastone_jax.data import ArithmeticTask, TextTokenizer, extract_answer, is_equivalent, load_records
+from metastone_jax.models.reflective import ReflectiveModel
+from metastone_jax.rollout import encode_prompts
+from metastone_jax.sampling import SamplingConfig, sample, trajectory_scores
+
+# Held-out problems of the embedded task come from indices far past anything a run trains on.
+EVAL_INDEX_OFFSET = 10**12
+# Rows (questions x samples) sampled in one call: bounds the KV cache of an evaluation batch.
+ROWS_PER_CALL = 512
+METHODS = ("maj", "sprm", "oracle")
+
+
+@dataclasses.dataclass
+class EvalResult:
+    metrics: dict[str, Any]  # {"pass@1", "maj@k", "sprm@k", "oracle@k", "auroc", "modes": {...}, ...}
+    samples: list[dict[str, Any]]
+
+
+def parameter_count(params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def evaluate_records(
+    module: ReflectiveModel,
+    params: Any,
+    tokenizer: TextTokenizer,
+    records: Sequence[dict[str, str]],
+    *,
+    sampling: SamplingConfig,
+    num_samples: int,
+    modes: dict[str, int] | Sequence[str] = tuple(tts.MODES),
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+) -> EvalResult:
+    """Samples `num_samples` trajectories per record {"question", "answer"} and computes every metric per mode.
+
+    `modes`: names of tts.MODES (low, medium, high) or a {name: k} dict for other k.
+    """
+    modes = modes if isinstance(modes, dict) else {mode: tts.MODES[mode] for mode in modes}
+    too_big = [(mode, k) for mode, k in modes.items() if k > num_samples]
+    if too_big:
+        raise ValueError(
+            f"mode {too_big[0][0]!r} needs k={too_big[0][1]} samples per question but only {num_samples} are drawn; "
+            f"raise the number of samples to at least {max(modes.values())}"
+        )
+    if not module.with_head:
+        raise ValueError("the model has no SPRM head (score_module.pt): best-of-k selection needs one")
+    think_ids = tuple(tokenizer.think_ids) if tokenizer.think_ids else None
+    score = jax.jit(trajectory_scores, static_argnums=(1, 2))
+    per_call = max(1, ROWS_PER_CALL // num_samples)
+    samples: list[dict[str, Any]] = []
+    key = jax.random.key(seed)
+    for start in tqdm(range(0, len(records), per_call), desc="evaluate", unit="batch", dynamic_ncols=True):
+        chunk = records[start : start + per_call]
+        prompt_tokens, prompt_mask = encode_prompts(tokenizer, [r["question"] for r in chunk])
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            out = sample(module, params, prompt_tokens, prompt_mask, jax.random.fold_in(key, start), config=sampling,
+                         eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, num_samples=num_samples)
+        step_mask, scores = score(out, tuple(tokenizer.delimiter_ids), think_ids)
+        sequences, response_mask = np.asarray(out.sequences), np.asarray(out.response_mask)
+        step_mask, step_logits, scores = np.asarray(step_mask), np.asarray(out.step_logits), np.asarray(scores)
+        lengths = np.asarray(out.lengths)
+        for row in range(len(sequences)):
+            record = chunk[row // num_samples]
+            text = tokenizer.decode(sequences[row][response_mask[row]])
+            answer = extract_answer(text)
+            samples.append({
+                "question_index": start + row // num_samples,
+                "question": record["question"],
+                "reference": record["answer"],
+                "response": text,
+                "answer": answer,
+                "correct": bool(is_equivalent(answer, record["answer"])),
+                "step_scores": (1 / (1 + np.exp(-step_logits[row][step_mask[row]]))).round(6).tolist(),
+                "score": float(scores[row]),
+                "tokens": int(lengths[row]),
+            })
+    metrics = benchmark_metrics(samples, num_samples, modes, parameter_count(params))
+    return EvalResult(metrics, samples)
+
+
+def benchmark_metrics(samples: list[dict], num_samples: int, modes: dict[str, int], num_params: int) -> dict:
+    """tts metrics over questions, plus per mode its k, accuracies and thinking compute (parameters x tokens)."""
+    by_question = [samples[i : i + num_samples] for i in range(0, len(samples), num_samples)]
+    ks = list(modes.values())
+    metrics = tts.evaluate_benchmark(
+        [[s["score"] for s in q] for q in by_question],
+        [[s["correct"] for s in q] for q in by_question],
+        [[s["answer"] for s in q] for q in by_question],
+        ks,
+    )
+    mean_tokens = float(np.mean([s["tokens"] for s in samples]))
+    metrics["mean_response_tokens"] = mean_tokens
+    metrics["parameters"] = num_params
+    metrics["modes"] = {
+        mode: {
+            "k": k,
+            "pass@1": metrics["pass@1"],
+            **{f"{method}@{k}": metrics[f"{method}@{k}"] for method in METHODS},
+            # Thinking compute per question: k trajectories of the mean length through the whole model.
+            "compute": float(num_params * k * mean_tokens),
+        }
+        for mode, k in modes.items()
+    }
+    return metrics
+
+
+def write_outputs(result: EvalResult, out_dir: Path) -> None:
+    """eval.json (every metric per mode), samples.jsonl (every sample) and scaling.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(result.metrics, indent=2))
+    with open(out_dir / "samples.jsonl", "w") as f:
+        for sample_record in result.samples:
+            f.write(json.dumps(sample_record) + "\n")
+    plot_scaling(result.metrics, out_dir / "scaling.png")
+
+
+def plot_scaling(metrics: dict, path: Path) -> None:
+    """Accuracy against thinking compute (parameters x generated tokens per question), a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = metrics["modes"]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    one_sample = metrics["parameters"] * metrics["mean_response_tokens"]
+    axes.scatter([one_sample], [metrics["pass@1"]], color="black", label="pass@1 (one sample)", zorder=3)
+    for method, style in zip(METHODS, ("s--", "o-", "^:")):
+        xs = [m["compute"] for m in modes.values()]
+        ys = [m[f"{method}@{m['k']}"] for m in modes.values()]
+        axes.plot(xs, ys, style, label={"maj": "majority vote", "sprm": "SPRM best-of-k", "oracle": "oracle"}[method])
+        for mode, x, y in zip(modes, xs, ys):
+            if method == "sprm":
+                axes.annotate(mode, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlabel("thinking compute per question (parameters x generated tokens)")
+    axes.set_ylabel("accuracy")
+    axes.set_title("Test-time scaling")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def print_table(result: EvalResult) -> None:
+    metrics = result.metrics
+    print(f"{'mode':<8} {'k':>3} {'pass@1':>7} {'maj@k':>7} {'sprm@k':>7} {'oracle@k':>8} {'compute':>10}")
+    for mode, m in metrics["modes"].items():
+        k = m["k"]
+        print(f"{mode:<8} {k:>3} {m['pass@1']:>7.3f} {m[f'maj@{k}']:>7.3f} {m[f'sprm@{k}']:>7.3f} "
+              f"{m[f'oracle@{k}']:>8.3f} {m['compute']:>10.3g}")
+    print(f"SPRM AUROC (trajectory score, right vs wrong): {metrics['auroc']:.3f}   "
+          f"questions {metrics['questions']}, samples {metrics['samples']}")
+
+
+def embedded_eval_records(task: ArithmeticTask, questions: int) -> list[dict[str, str]]:
+    """Held-out problems of the embedded task: indices far past anything a run trains on."""
+    return [task.sample(EVAL_INDEX_OFFSET + i) for i in range(questions)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m metastone_jax.evaluate",
+        description="Test-time scaling with the SPRM: sample n trajectories per question, pick the best of k.",
+    )
+    parser.add_argument("model", help="a Hugging Face directory (config.json, safetensors, score_module.pt, "
+                        "tokenizer.json) or a run directory of ours (its exported model/)")
+    parser.add_argument("--data", help="a local .jsonl/.parquet benchmark (default: the embedded arithmetic task)")
+    parser.add_argument("--question-field", default="question")
+    parser.add_argument("--answer-field", default="answer")
+    parser.add_argument("--tokenizer", help="tokenizer.json when the model directory has none")
+    parser.add_argument("--mode", action="append", choices=list(tts.MODES),
+                        help="low (k=2), medium (k=8), high (k=32); repeatable; default all three")
+    parser.add_argument("--k", type=int, action="append", help="an explicit k instead of the modes; repeatable")
+    parser.add_argument("--samples", type=int, help="n samples per question (default: the largest k)")
+    parser.add_argument("--questions", type=int, default=64, help="questions to evaluate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="output directory (default: <model>/eval)")
+    args = parser.parse_args(argv)
+    try:
+        result, out_dir = _run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_outputs(result, out_dir)
+    print_table(result)
+    print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'samples.jsonl'} and {out_dir / 'scaling.png'}")
+    return 0
+
+
+def _run(args) -> tuple[EvalResult, Path]:
+    from metastone_jax.hf import load_hf
+
+    model_dir = Path(args.model)
+    if (model_dir / "model" / "config.json").is_file():  # a run directory of ours
+        model_dir = model_dir / "model"
+    tokenizer_path = args.tokenizer or str(model_dir)
+    if args.tokenizer is None and not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}; pass --tokenizer PATH")
+    tokenizer = TextTokenizer.from_file(tokenizer_path)
+    modes = {f"k={k}": k for k in args.k} if args.k else {m: tts.MODES[m] for m in (args.mode or tts.MODES)}
+    samples = args.samples or max(modes.values())
+    model = load_hf(model_dir, dtype=jnp.dtype(args.dtype))
+    if not model.module.with_head:
+        raise FileNotFoundError(f"no SPRM head in {model_dir}: expected score_module.pt (or score_module.safetensors)")
+    if args.data:
+        records = load_records(args.data, question_field=args.question_field, answer_field=args.answer_field)
+        records = records[: args.questions]
+    else:
+        records = embedded_eval_records(ArithmeticTask(), args.questions)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p)
+    result = evaluate_records(model.module, model.params, tokenizer, records, sampling=sampling,
+                              num_samples=samples, modes=modes, seed=args.seed, mesh=model.mesh)
+    return result, Path(args.out) if args.out else model_dir / "eval"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

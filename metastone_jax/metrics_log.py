@@ -1,0 +1,54 @@
+"""Where a run's metrics go: one JSON object per line in `metrics.jsonl`, and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready Python number (NaN becomes None) from a NumPy / JAX scalar."""
+    value = np.asarray(value).item() if not isinstance(value, (str, int, float, bool)) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends metrics to `run_dir/metrics.jsonl` and `run_dir/tensorboard/`; every line is flushed at once."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops lines of steps > `step` (written after the checkpoint a resumed run starts from)."""
+        self._file.close()
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if line and json.loads(line).get("step", -1) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a")
+
+    def write(self, step: int, metrics: dict[str, Any], phase: str) -> None:
+        record = {"step": step, "phase": phase, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(f"{phase}/{key}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

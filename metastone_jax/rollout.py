@@ -1,0 +1,121 @@
+"""From text to train batches: SFT batches of reference solutions, and RL batches of sampled, rewarded rollouts.
+
+Host side (tokenizing, verifying answers) meets device side (sampling per replica inside a shard_map over `data`).
+Lengths are rounded up to a multiple of `LENGTH_BUCKET` so that a run compiles each step only a few times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+import comms
+from metastone_jax.data import TextTokenizer, format_prompt, pad_batch, reward
+from metastone_jax.models.reflective import ReflectiveModel
+from metastone_jax.sampling import SampleOutput, SamplingConfig, sample, trajectory_scores
+from metastone_jax.sharding import logical_rules
+
+DATA = "data"
+LENGTH_BUCKET = 32
+
+
+def bucket(length: int) -> int:
+    return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
+def encode_prompts(tokenizer: TextTokenizer, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt ids and mask [B, P] (P bucketed) of the formatted questions."""
+    encoded = [tokenizer.encode(format_prompt(q)) for q in questions]
+    return pad_batch(encoded, tokenizer.pad_id, length=bucket(max(map(len, encoded))), side="left")
+
+
+def sft_batch(tokenizer: TextTokenizer, questions: Sequence[str], solutions: Sequence[str]) -> dict[str, np.ndarray]:
+    """tokens / attention_mask / loss_mask [B, T]: prompt then reference solution + EOS; the loss sees the solution."""
+    prompts = [tokenizer.encode(format_prompt(q)) for q in questions]
+    responses = [tokenizer.encode(s) + [tokenizer.eos_id] for s in solutions]
+    length = bucket(max(len(p) + len(r) for p, r in zip(prompts, responses)))
+    tokens, mask = pad_batch([p + r for p, r in zip(prompts, responses)], tokenizer.pad_id, length=length, side="left")
+    loss_mask = np.zeros_like(mask)
+    for row, response in enumerate(responses):
+        loss_mask[row, length - len(response) :] = True
+    return {"tokens": tokens, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """A sampled RL batch with everything the RL step and the metrics need (rows grouped by prompt)."""
+
+    batch: dict[str, np.ndarray]  # the RL step's batch
+    responses: list[str]
+    trajectory_scores: np.ndarray  # [rows] SPRM geometric means
+    generated_tokens: int
+
+
+def make_replica_sampler(module: ReflectiveModel, mesh, config: SamplingConfig, eos_ids, pad_id: int, group_size: int):
+    """jit(shard_map): every replica samples `group_size` responses to its slice of the prompts with its own params.
+
+    Replicas' parameters may differ (decentralized algorithms); replica r draws with fold_in(key, r).
+    """
+    rules = logical_rules(manual_axes=(DATA,))
+
+    def per_replica(params, prompt_tokens, prompt_mask, key):
+        key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
+        with nn.logical_axis_rules(rules):
+            return sample(
+                module,
+                comms.strip_replica_dim(params),
+                prompt_tokens,
+                prompt_mask,
+                key,
+                config=config,
+                eos_ids=tuple(eos_ids),
+                pad_id=pad_id,
+                num_samples=group_size,
+            )
+
+    return jax.jit(
+        jax.shard_map(per_replica, mesh=mesh, in_specs=(P(DATA), P(DATA), P(DATA), P()), out_specs=P(DATA),
+                      axis_names={DATA})
+    )
+
+
+def collect_rollouts(
+    sampler,
+    params: Any,
+    tokenizer: TextTokenizer,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    key: jax.Array,
+    group_size: int,
+) -> Rollouts:
+    """Samples, decodes and verifies G responses per question; builds the RL step's batch."""
+    prompt_tokens, prompt_mask = encode_prompts(tokenizer, questions)
+    out: SampleOutput = sampler(params, prompt_tokens, prompt_mask, key)
+    think_ids = tuple(tokenizer.think_ids) if tokenizer.think_ids else None
+    step_mask, scores = _score(out, tuple(tokenizer.delimiter_ids), think_ids)
+    sequences, response_mask = np.asarray(out.sequences), np.asarray(out.response_mask)
+    responses = [tokenizer.decode(seq[m]) for seq, m in zip(sequences, response_mask)]
+    rewards = np.array([reward(text, answers[row // group_size]) for row, text in enumerate(responses)], np.float32)
+    batch = {
+        "tokens": sequences,
+        "attention_mask": np.asarray(out.prompt_mask) | response_mask,
+        "response_mask": response_mask,
+        "rewards": rewards,
+        "outcome": rewards,
+        "step_mask": np.asarray(step_mask),
+    }
+    return Rollouts(batch, responses, np.asarray(scores), int(np.asarray(out.lengths).sum()))
+
+
+# Delimiter and think ids are static: they select which comparisons the mask is built from.
+_score = jax.jit(trajectory_scores, static_argnums=(1, 2))
+
+
+def replica_params(state_params: Any, replica: int = 0) -> Any:
+    """One replica's parameters (no replica dimension), e.g. the frozen reference policy or the model to evaluate."""
+    return jax.tree.map(lambda x: x[replica], state_params)

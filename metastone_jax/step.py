@@ -1,0 +1,276 @@
+"""Pure train steps `(state, batch) -> (state, metrics)`: one shard_map manual over the replica axis `data`.
+
+Inside the shard_map each replica computes the gradient of its own slice of the batch and hands it to the
+communication algorithm (`comms.apply_gradients`); `fsdp` and `tensor` are left to the compiler through the
+logical-axis rules. Every TrainState leaf except `step` carries a leading replica dimension sharded over `data`.
+
+The optimizer is two optimizers side by side: the policy's for every parameter outside params["sprm"] and the
+SPRM head's own AdamW for params["sprm"] (SPEC §6), each with its own global-norm clipping, as the released code
+clips and steps the actor and the score module separately.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import comms
+from metastone_jax.losses import RLLossConfig, group_advantages, rl_loss, sft_loss, token_logprobs
+from metastone_jax.models.reflective import ReflectiveModel, init_params, param_shardings
+from metastone_jax.sharding import logical_rules
+
+PyTree = Any
+DATA = "data"
+HEAD = "sprm"  # params[HEAD] is the SPRM head; everything else is the policy
+SFT_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
+RL_BATCH_KEYS = ("tokens", "attention_mask", "response_mask", "rewards", "outcome", "step_mask")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # [] int32, 0-based count of steps taken, replicated
+    params: PyTree  # [replicas, ...] per leaf
+    opt_state: PyTree  # [replicas, ...] per leaf
+    comm_state: PyTree  # [replicas, ...] per leaf
+
+
+def param_labels(params: PyTree) -> PyTree:
+    """"head" for every leaf under params["sprm"], "policy" for the rest (the labels of `make_optimizer`)."""
+    return {name: jax.tree.map(lambda _: "head" if name == HEAD else "policy", sub) for name, sub in params.items()}
+
+
+def make_optimizer(
+    algorithm: comms.CommAlgorithm,
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = 1.0,
+    head_learning_rate: optax.ScalarOrSchedule = 1e-5,
+    head_weight_decay: float = 0.01,
+    head_clip_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """The policy's `algorithm.optimizer(...)` and the head's AdamW (betas 0.9/0.999), each after its own clipping.
+
+    The head's AdamW also comes from `algorithm.optimizer`: under algorithms that communicate inside the optimizer
+    (1-bit Adam, QAdam) the head's gradients are otherwise never averaged and its replicas would drift apart.
+    """
+
+    def clipped(optimizer, max_norm):
+        return optimizer if max_norm is None else optax.chain(optax.clip_by_global_norm(max_norm), optimizer)
+
+    policy = algorithm.optimizer(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    head = algorithm.optimizer(head_learning_rate, b1=0.9, b2=0.999, eps=eps, weight_decay=head_weight_decay)
+    return optax.multi_transform({"policy": clipped(policy, clip_norm), "head": clipped(head, head_clip_norm)}, param_labels)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Rotary positions of a left-padded batch: the number of real tokens before each one (as the sampler uses)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _forward(module, params, batch, **kwargs):
+    mask = batch["attention_mask"].astype(bool)
+    return module.apply({"params": params}, batch["tokens"], positions_from_mask(mask), mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- state layout
+
+
+def _state_specs() -> TrainState:
+    return TrainState(step=P(), params=P(DATA), opt_state=P(DATA), comm_state=P(DATA))
+
+
+def _init_fn(algorithm, tx, mesh):
+    """shard_map'd: params without the replica dimension -> the TrainState at step 0."""
+
+    def init(params):
+        return TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=comms.add_replica_dim(params),
+            opt_state=comms.add_replica_dim(tx.init(params)),
+            comm_state=comms.add_replica_dim(algorithm.init(params)),
+        )
+
+    # algorithm.init may read the replica count, so it runs inside the shard_map.
+    return jax.shard_map(init, mesh=mesh, in_specs=P(), out_specs=_state_specs(), axis_names={DATA})
+
+
+def train_state_shardings(
+    module: ReflectiveModel, algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, mesh
+) -> TrainState:
+    """NamedShardings of every TrainState leaf: replica dimension over `data`, the rest as the parameter it mirrors.
+
+    An optimizer or algorithm leaf that mirrors a parameter (its key path ends with that parameter's path and the
+    shapes agree, e.g. Adam's moments) is sharded like it over `fsdp`/`tensor`; any other leaf (counts, flat error
+    buffers) is replicated inside its replica group.
+    """
+    shardings = param_shardings(module, mesh)
+    abstract_params = jax.eval_shape(lambda key: init_params(module, key), jax.random.key(0))
+    by_path = {
+        tuple(path): (leaf.shape, sharding.spec)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(shardings)
+        )
+    }
+    abstract_state = jax.eval_shape(_init_fn(algorithm, tx, mesh), abstract_params)
+
+    def leaf_sharding(path, leaf):
+        for start in range(len(path)):
+            shape, spec = by_path.get(tuple(path[start:]), (None, None))
+            if shape == leaf.shape[1:]:
+                return NamedSharding(mesh, P(DATA, *spec))
+        return NamedSharding(mesh, P(DATA))
+
+    per_replica = jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state._replace(step=None))
+    return per_replica._replace(step=NamedSharding(mesh, P()))
+
+
+def init_train_state(
+    module: ReflectiveModel,
+    algorithm: comms.CommAlgorithm,
+    tx: optax.GradientTransformation,
+    mesh,
+    key_or_params: jax.Array | PyTree,
+) -> TrainState:
+    """Step 0: every replica starts from the same parameters (a typed PRNG key initialises them at random)."""
+    if isinstance(key_or_params, jax.Array) and jax.dtypes.issubdtype(key_or_params.dtype, jax.dtypes.prng_key):
+        params = init_params(module, key_or_params, mesh)
+    else:
+        params = jax.device_put(key_or_params, param_shardings(module, mesh))
+    shardings = train_state_shardings(module, algorithm, tx, mesh)
+    return jax.jit(_init_fn(algorithm, tx, mesh), out_shardings=shardings)(params)
+
+
+# ----------------------------------------------------------------------------------------------- the steps
+
+
+def _make_step(module, algorithm, tx, mesh, replica_loss, prepare, required_keys, extra_shardings=()):
+    """Jits one train step around `replica_loss(params, batch, step, *extras) -> (loss, metrics)` (one replica).
+
+    `prepare(batch)` runs on the global batch before the shard_map (e.g. GRPO advantages over whole groups);
+    `extras` are replicated over `data` (e.g. the frozen reference parameters).
+    """
+    rules = logical_rules(manual_axes=(DATA,))
+
+    def per_replica(state: TrainState, batch, *extras):
+        params, opt_state, comm_state = map(comms.strip_replica_dim, (state.params, state.opt_state, state.comm_state))
+        with nn.logical_axis_rules(rules):
+            grads, metrics = jax.grad(replica_loss, has_aux=True)(params, batch, state.step, *extras)
+        params, opt_state, comm_state = comms.apply_gradients(
+            algorithm, tx, grads, params, opt_state, comm_state, state.step
+        )
+        new_state = TrainState(state.step + 1, *map(comms.add_replica_dim, (params, opt_state, comm_state)))
+        return new_state, jax.lax.pmean(metrics, DATA)
+
+    extra_specs = tuple(P() for _ in extra_shardings)
+    sharded = jax.shard_map(
+        per_replica,
+        mesh=mesh,
+        in_specs=(_state_specs(), P(DATA), *extra_specs),
+        out_specs=(_state_specs(), P()),
+        axis_names={DATA},
+    )
+    num_replicas = mesh.shape[DATA]
+
+    def step(state, batch, *extras):
+        return sharded(state, prepare(batch), *extras)
+
+    state_shardings = train_state_shardings(module, algorithm, tx, mesh)
+    batch_sharding = NamedSharding(mesh, P(DATA))
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding, *extra_shardings),
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+
+    def checked(state: TrainState, batch: dict, *extras):
+        missing = [k for k in required_keys if k not in batch]
+        if missing:
+            raise ValueError(f"train batch is missing {', '.join(missing)}; it needs {', '.join(required_keys)}")
+        size = batch["tokens"].shape[0]
+        if size % num_replicas:
+            raise ValueError(f"batch size {size} is not divisible by the {num_replicas} replicas of the `data` axis")
+        return jitted(state, batch, *extras)
+
+    return checked
+
+
+def make_sft_step(
+    module: ReflectiveModel, algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, mesh
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Next-token cross entropy on reference solutions. Batch: tokens, attention_mask, loss_mask (all [B, T]).
+
+    The head is not trained: its gradients are zero (its AdamW weight decay still shrinks it by lr·wd per step).
+    """
+
+    def replica_loss(params, batch, step):
+        logits = _forward(module, params, batch).logits
+        loss = sft_loss(logits, batch["tokens"], batch["loss_mask"])
+        return loss, {"loss": loss}
+
+    return _make_step(module, algorithm, tx, mesh, replica_loss, lambda batch: batch, SFT_BATCH_KEYS)
+
+
+def make_rl_step(
+    module: ReflectiveModel,
+    algorithm: comms.CommAlgorithm,
+    tx: optax.GradientTransformation,
+    mesh,
+    loss_config: RLLossConfig,
+    dropout_seed: int = 0,
+) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
+    """GRPO for the policy + SPR for the head in one backward pass: `step(state, batch, ref_params)`.
+
+    Batch ([B] or [B, T], B = prompts x group_size, a prompt's responses consecutive): tokens, attention_mask,
+    response_mask (token frame: the generated tokens), rewards, outcome (1 right / 0 wrong), step_mask (position
+    frame, from `models.sprm.step_score_mask`), and optionally old_logprobs [B, T] (without them the update is
+    on-policy: old = current, detached). `ref_params` are the frozen reference policy's (no replica dimension);
+    its log-probabilities are computed here. The head's dropout key of replica r at step t is
+    fold_in(fold_in(key(dropout_seed), t), r).
+    """
+
+    if not module.with_head:
+        raise ValueError("make_rl_step needs a ReflectiveModel with_head=True: the SPR loss trains the SPRM head")
+
+    def prepare(batch):
+        # Advantages on the global batch, so a group never straddles two replicas.
+        return {**batch, "advantages": group_advantages(batch["rewards"], loss_config.group_size)}
+
+    def replica_loss(params, batch, step, ref_params):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), step), jax.lax.axis_index(DATA))
+        ref_logits = _forward(module, ref_params, batch).logits / loss_config.temperature
+        ref_logprobs = jax.lax.stop_gradient(token_logprobs(ref_logits, batch["tokens"]))
+        out = _forward(
+            module,
+            params,
+            batch,
+            deterministic=False,
+            sprm_backbone_grad_scale=loss_config.sprm_backbone_grad_scale,
+            rngs={"dropout": key},
+        )
+        return rl_loss(
+            out.logits,
+            out.step_logits,
+            batch["tokens"],
+            batch["response_mask"],
+            batch["advantages"],
+            ref_logprobs,
+            batch["step_mask"],
+            batch["outcome"],
+            loss_config,
+            old_logprobs=batch.get("old_logprobs"),
+            axis_names=(DATA,),
+        )
+
+    return _make_step(
+        module, algorithm, tx, mesh, replica_loss, prepare, RL_BATCH_KEYS, (param_shardings(module, mesh),)
+    )

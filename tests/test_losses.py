@@ -1,0 +1,257 @@
+"""The objectives of metastone_jax.losses against NumPy re-implementations written here (float64, explicit loops)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from metastone_jax import losses
+
+B, T, V = 4, 7, 11
+
+
+def _random_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=2.0, size=(B, T, V)).astype(np.float32)
+    tokens = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    mask = rng.random((B, T)) < 0.6
+    return rng, logits, tokens, mask
+
+
+def np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def np_token_logprobs(logits, tokens):
+    """lp[b, t] = log p(tokens[b, t] | logits at position t - 1); 0 at t = 0."""
+    out = np.zeros(tokens.shape)
+    log_probs = np_log_softmax(logits)
+    for b in range(tokens.shape[0]):
+        for t in range(1, tokens.shape[1]):
+            out[b, t] = log_probs[b, t - 1, tokens[b, t]]
+    return out
+
+
+def np_token_mean(values, mask):
+    """Mean over masked tokens 1..T-1 (token 0 is never predicted); 0 when nothing is masked."""
+    mask = np.asarray(mask, bool).copy()
+    mask[:, 0] = False
+    count = mask.sum()
+    return 0.0 if count == 0 else float(np.asarray(values, np.float64)[mask].sum() / count)
+
+
+def np_entropy_per_token(logits):
+    out = np.zeros(logits.shape[:2])
+    log_probs = np_log_softmax(logits)
+    out[:, 1:] = -(np.exp(log_probs) * log_probs).sum(axis=-1)[:, :-1]
+    return out
+
+
+def np_spr_loss(step_logits, step_mask, outcome, global_counts=None):
+    """SPEC §6 with explicit loops; `global_counts` (pos, neg) before the +1 replace the local ones."""
+    pos = neg = 0
+    kept = []
+    for b in range(step_logits.shape[0]):
+        y = 1.0 if outcome[b] > 0.5 else 0.0
+        for t in range(step_logits.shape[1]):
+            s = float(step_logits[b, t])
+            if step_mask[b, t] and ((s > 0 and y == 1.0) or (s < 0 and y == 0.0)):
+                kept.append((s, y))
+                pos, neg = pos + (y == 1.0), neg + (y == 0.0)
+    if global_counts is not None:
+        pos, neg = global_counts
+    pos, neg = pos + 1, neg + 1
+    numerator = denominator = 0.0
+    for s, y in kept:
+        weight = 1.5 * neg / (pos + neg) if y == 1.0 else pos / (pos + neg)
+        probability = 1.0 / (1.0 + np.exp(-s))
+        bce = -(y * np.log(probability) + (1 - y) * np.log(1 - probability))
+        numerator, denominator = numerator + weight * bce, denominator + weight
+    return numerator / (denominator + 1e-5)
+
+
+def np_kept_counts(step_logits, step_mask, outcome):
+    right = np.asarray(outcome)[:, None] > 0.5
+    kept = step_mask & np.where(right, step_logits > 0, step_logits < 0)
+    return int((kept & right).sum()), int((kept & ~right).sum())
+
+
+def test_token_logprobs_score_each_token_with_the_previous_positions_logits():
+    _, logits, tokens, _ = _random_inputs()
+    got = np.asarray(losses.token_logprobs(jnp.asarray(logits), jnp.asarray(tokens)))
+    np.testing.assert_allclose(got, np_token_logprobs(logits, tokens), atol=1e-5)
+    assert np.all(got[:, 0] == 0.0)
+
+
+def test_sft_loss_is_the_token_mean_cross_entropy_over_the_mask():
+    _, logits, tokens, mask = _random_inputs(1)
+    got = losses.sft_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+    np.testing.assert_allclose(got, np_token_mean(-np_token_logprobs(logits, tokens), mask), rtol=1e-5)
+
+
+def test_entropy_is_the_token_mean_of_each_predictive_distributions_entropy():
+    _, logits, _, mask = _random_inputs(2)
+    got = losses.entropy(jnp.asarray(logits), jnp.asarray(mask))
+    np.testing.assert_allclose(got, np_token_mean(np_entropy_per_token(logits), mask), rtol=1e-5)
+
+
+def test_empty_masks_give_zero_losses_not_nan():
+    _, logits, tokens, _ = _random_inputs(3)
+    empty = jnp.zeros((B, T), bool)
+    lp = losses.token_logprobs(jnp.asarray(logits), jnp.asarray(tokens))
+    assert float(losses.sft_loss(jnp.asarray(logits), jnp.asarray(tokens), empty)) == 0.0
+    assert float(losses.entropy(jnp.asarray(logits), empty)) == 0.0
+    assert float(losses.policy_loss(lp, lp + 0.3, jnp.ones((B,)), empty)) == 0.0
+    assert float(losses.kl_k3(lp, lp - 1.0, empty)) == 0.0
+    assert float(losses.spr_loss(jnp.ones((B, T)), empty, jnp.ones((B,)))) == 0.0
+
+
+def test_group_advantages_normalise_each_group_by_its_unbiased_std():
+    rewards = np.array([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1], np.float32)  # group 2 all equal
+    got = np.asarray(losses.group_advantages(jnp.asarray(rewards), 4))
+    want = np.empty(12)
+    for g in range(3):
+        group = rewards[4 * g : 4 * g + 4].astype(np.float64)
+        want[4 * g : 4 * g + 4] = (group - group.mean()) / (np.std(group, ddof=1) + 1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[4:8] == 0.0)
+
+
+def test_group_advantages_refuse_a_batch_that_is_not_whole_groups():
+    with pytest.raises(ValueError, match="groups of 4"):
+        losses.group_advantages(jnp.zeros((6,)), 4)
+
+
+def np_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+    per_token = np.zeros(logprobs.shape)
+    for b in range(logprobs.shape[0]):
+        for t in range(logprobs.shape[1]):
+            ratio = np.exp(float(logprobs[b, t]) - float(old_logprobs[b, t]))
+            clipped = min(max(ratio, 1 - clip_eps), 1 + clip_eps)
+            per_token[b, t] = max(-advantages[b] * ratio, -advantages[b] * clipped)
+    return np_token_mean(per_token, mask)
+
+
+def test_policy_loss_is_the_token_mean_ppo_clipped_surrogate():
+    rng, _, _, mask = _random_inputs(4)
+    logprobs = -rng.random((B, T)).astype(np.float32) * 3
+    old_logprobs = logprobs + rng.normal(scale=0.4, size=(B, T)).astype(np.float32)  # many ratios outside 1±0.2
+    advantages = rng.normal(size=(B,)).astype(np.float32)
+    got = losses.policy_loss(*map(jnp.asarray, (logprobs, old_logprobs, advantages, mask)), clip_eps=0.2)
+    np.testing.assert_allclose(got, np_policy_loss(logprobs, old_logprobs, advantages, mask, 0.2), rtol=1e-5)
+
+
+def test_policy_loss_ignores_nonfinite_values_on_masked_out_tokens():
+    logprobs = jnp.array([[0.0, -1.0, -np.inf]])
+    old = jnp.array([[0.0, -1.2, 0.0]])
+    mask = jnp.array([[False, True, False]])
+    got = losses.policy_loss(logprobs, old, jnp.array([2.0]), mask)
+    np.testing.assert_allclose(got, -2.0 * min(np.exp(0.2), 1.2), rtol=1e-6)
+
+
+def test_kl_k3_is_the_token_mean_low_variance_estimator():
+    rng, _, _, mask = _random_inputs(5)
+    logprobs = -rng.random((B, T)) * 3
+    ref = logprobs + rng.normal(scale=0.5, size=(B, T))
+    per_token = np.exp(ref - logprobs) - (ref - logprobs) - 1
+    got = losses.kl_k3(jnp.asarray(logprobs, jnp.float32), jnp.asarray(ref, jnp.float32), jnp.asarray(mask))
+    np.testing.assert_allclose(got, np_token_mean(per_token, mask), rtol=1e-5)
+    assert float(losses.kl_k3(jnp.asarray(logprobs), jnp.asarray(logprobs), jnp.asarray(mask))) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spr_loss_matches_the_class_balanced_filtered_bce_of_the_spec(seed):
+    rng = np.random.default_rng(seed)
+    step_logits = rng.normal(scale=2.0, size=(6, 9)).astype(np.float32)
+    step_mask = rng.random((6, 9)) < 0.5
+    outcome = np.array([1, 0, 1, 1, 0, 0], np.float32)
+    got = losses.spr_loss(jnp.asarray(step_logits), jnp.asarray(step_mask), jnp.asarray(outcome))
+    np.testing.assert_allclose(got, np_spr_loss(step_logits, step_mask, outcome), rtol=1e-5)
+
+
+def test_spr_loss_keeps_only_steps_whose_prediction_agrees_with_the_outcome():
+    # Right trajectory: s = +2 agrees, s = −3 does not (dropped); wrong trajectory: s = −1 agrees, s = +4 does not.
+    step_logits = jnp.array([[2.0, -3.0], [-1.0, 4.0]])
+    step_mask = jnp.ones((2, 2), bool)
+    got = losses.spr_loss(step_logits, step_mask, jnp.array([1.0, 0.0]))
+    pos = neg = 2.0  # one kept step of each class, + 1
+    w_pos, w_neg = 1.5 * neg / (pos + neg), pos / (pos + neg)
+    bce_pos, bce_neg = np.log1p(np.exp(-2.0)), np.log1p(np.exp(-1.0))
+    np.testing.assert_allclose(got, (w_pos * bce_pos + w_neg * bce_neg) / (w_pos + w_neg + 1e-5), rtol=1e-6)
+
+
+def test_spr_counts_summed_over_four_devices_equal_the_whole_batchs_counts():
+    rng = np.random.default_rng(7)
+    num_devices, per_device = 4, 3
+    step_logits = rng.normal(scale=2.0, size=(num_devices * per_device, 8)).astype(np.float32)
+    step_mask = rng.random(step_logits.shape) < 0.5
+    outcome = rng.integers(0, 2, num_devices * per_device).astype(np.float32)
+    mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    def per_device_loss(step_logits, step_mask, outcome):
+        return losses.spr_loss(step_logits, step_mask, outcome, axis_names=("data",))[None]
+
+    got = np.asarray(jax.jit(per_device_loss)(step_logits, step_mask, outcome))
+    whole = np_kept_counts(step_logits, step_mask, outcome)
+    for d in range(num_devices):
+        rows = slice(d * per_device, (d + 1) * per_device)
+        want = np_spr_loss(step_logits[rows], step_mask[rows], outcome[rows], global_counts=whole)
+        np.testing.assert_allclose(got[d], want, rtol=1e-5)
+
+
+def test_rl_loss_combines_the_terms_with_their_coefficients_at_the_sampling_temperature():
+    rng, logits, tokens, response_mask = _random_inputs(8)
+    config = losses.RLLossConfig(group_size=2, kl_coef=0.3, entropy_coef=0.05, spr_coef=0.7, temperature=0.6)
+    old_logprobs = np_token_logprobs(logits / 0.6, tokens) + rng.normal(scale=0.3, size=(B, T))
+    ref_logprobs = np_token_logprobs(logits / 0.6, tokens) + rng.normal(scale=0.3, size=(B, T))
+    advantages = rng.normal(size=(B,))
+    step_logits = rng.normal(size=(B, T))
+    step_mask = rng.random((B, T)) < 0.4
+    outcome = np.array([1, 0, 0, 1], np.float32)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    total, metrics = losses.rl_loss(
+        f32(logits), f32(step_logits), jnp.asarray(tokens), jnp.asarray(response_mask), f32(advantages),
+        f32(ref_logprobs), jnp.asarray(step_mask), f32(outcome), config, old_logprobs=f32(old_logprobs),
+    )
+    logprobs = np_token_logprobs(logits / 0.6, tokens)
+    mask = response_mask
+    pg = np_policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)
+    kl = np_token_mean(np.exp(ref_logprobs - logprobs) - (ref_logprobs - logprobs) - 1, mask)
+    ent = np_token_mean(np_entropy_per_token(logits / 0.6), mask)
+    spr = np_spr_loss(step_logits, step_mask, outcome)
+    np.testing.assert_allclose(metrics["pg_loss"], pg, rtol=1e-4)
+    np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-4)
+    np.testing.assert_allclose(metrics["entropy"], ent, rtol=1e-4)
+    np.testing.assert_allclose(total, pg + 0.7 * spr - 0.05 * ent + 0.3 * kl, rtol=1e-4)
+
+
+def test_on_policy_rl_loss_has_ratio_one_and_gradient_minus_advantage_times_grad_logprob():
+    _, logits, tokens, mask = _random_inputs(9)
+    mask[:, 0] = False
+    advantages = np.array([1.0, -0.5, 2.0, 0.0], np.float32)
+    config = losses.RLLossConfig(group_size=2, kl_coef=0.0, entropy_coef=0.0, spr_coef=0.0)
+    zeros = jnp.zeros((B, T))
+
+    def pg(logits):
+        return losses.rl_loss(
+            logits, zeros, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(advantages), zeros,
+            jnp.zeros((B, T), bool), jnp.zeros((B,)), config,
+        )
+
+    (value, metrics), grad = jax.value_and_grad(pg, has_aux=True)(jnp.asarray(logits))
+    np.testing.assert_allclose(value, np_token_mean(-np.broadcast_to(advantages[:, None], (B, T)), mask), rtol=1e-6)
+    assert float(metrics["clip_fraction"]) == 0.0
+    # d/dlogits of −A·log softmax(logits)[target], token mean: −A (onehot − softmax) / count, at position t − 1.
+    probs = np.exp(np_log_softmax(logits))
+    want = np.zeros((B, T, V))
+    for b in range(B):
+        for t in range(1, T):
+            if mask[b, t]:
+                want[b, t - 1] = -advantages[b] * (np.eye(V)[tokens[b, t]] - probs[b, t - 1]) / mask.sum()
+    np.testing.assert_allclose(grad, want, atol=1e-6)

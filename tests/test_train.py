@@ -1,0 +1,102 @@
+"""The main job end to end on tiny configs: phases, comms algorithms, metrics, exact resume after a real kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from metastone_jax.config_loading import load_config
+from metastone_jax.train import Trainer, main
+
+TINY = [
+    "model.architecture.hidden_size=32",
+    "model.architecture.intermediate_size=64",
+    "model.architecture.num_hidden_layers=2",
+    "model.architecture.num_attention_heads=2",
+    "model.architecture.num_key_value_heads=1",
+    "sft.batch_size=8",
+    "sft.learning_rate=1e-2",
+    "sft.warmup_steps=1",
+    "rl.prompts_per_step=4",
+    "rl.group_size=2",
+    "rl.max_new_tokens=12",
+    "eval.questions=2",
+    "eval.samples=2",
+    "eval.modes=[low]",
+    "checkpoint.async_save=false",
+    "log_every=1",
+]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", ["onebit", "decentralized"])
+def test_trains_with_a_comms_algorithm_on_4_replicas(tmp_path, algorithm):
+    config = load_config(None, TINY + [
+        "mesh.data=4", "mesh.fsdp=2", "sft.steps=12", "rl.steps=2", f"comm.algorithm={algorithm}",
+        f"run_dir={tmp_path}",
+    ])
+    trainer = Trainer(config, tmp_path)
+    trainer.run()
+    sft_losses = [m["loss"] for m in _metrics(tmp_path) if m["phase"] == "sft"]
+    assert np.mean(sft_losses[-3:]) < np.mean(sft_losses[:3]) - 0.3
+    rl = [m for m in _metrics(tmp_path) if m["phase"] == "rl"]
+    assert len(rl) == 2 and all(np.isfinite(m["loss"]) for m in rl)
+    params = jax.tree.leaves(trainer.state.params)
+    identical = all(np.array_equal(np.asarray(p)[0], np.asarray(p)[r]) for p in params for r in range(1, 4))
+    # Centralized algorithms keep replicas bit-identical; decentralized gossip lets them differ.
+    assert identical == (algorithm == "onebit")
+    assert {"eval.json", "samples.jsonl", "scaling.png", "metrics.jsonl"} <= {p.name for p in tmp_path.iterdir()}
+    assert (tmp_path / "model" / "score_module.pt").exists()
+
+
+def test_bad_config_key_stops_with_its_name(capsys, tmp_path):
+    assert main(["rl.stepz=3", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "rl.stepz" in err and "steps" in err
+
+
+RESUME_ARGS = TINY + ["sft.steps=6", "rl.steps=4", "checkpoint.every=2", "eval.questions=0"]
+
+
+def _launch(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "metastone_jax.train", *RESUME_ARGS, "mesh.data=2", "--run-dir", str(run_dir)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+    )
+
+
+@pytest.mark.timeout(900)
+def test_killed_run_resumes_with_the_same_metrics(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    first = _launch(straight)
+    victim = _launch(killed)
+    # Kill (SIGKILL, no clean-up) once the RL phase has checkpointed step 8.
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "8").exists():
+        assert victim.poll() is None, victim.stdout.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert first.wait(timeout=600) == 0, first.stdout.read().decode()[-3000:]
+    resumed = _launch(killed)
+    output = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resumed from the checkpoint of step" in output
+    assert (killed / "config.yaml").exists()
+    drop = ("step_s", "tokens_per_s")
+    expected = [{k: v for k, v in m.items() if k not in drop} for m in _metrics(straight)]
+    got = [{k: v for k, v in m.items() if k not in drop} for m in _metrics(killed)]
+    assert [m["step"] for m in got] == list(range(1, 11))
+    assert got == expected
