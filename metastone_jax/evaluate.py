@@ -145,6 +145,7 @@ def plot_scaling(metrics: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     modes = metrics["modes"]
     figure, axes = plt.subplots(figsize=(6, 4))
@@ -158,6 +159,7 @@ def plot_scaling(metrics: dict, path: Path) -> None:
             if method == "sprm":
                 axes.annotate(mode, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
     axes.set_xscale("log")
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the minor labels of a short decade overlap
     axes.set_xlabel("thinking compute per question (parameters x generated tokens)")
     axes.set_ylabel("accuracy")
     axes.set_title("Test-time scaling")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from metastone_jax.config import Qwen2Config
-from metastone_jax.models.qwen2 import KVCache, Qwen2Model, attention_mask
+from metastone_jax.models.qwen2 import HeadProjection, KVCache, Qwen2Model, attention_mask
 from metastone_jax.models.sprm import SPRMHead
 
 Dtype = Any
@@ -38,12 +38,9 @@ class ReflectiveModel(nn.Module):
         cfg = self.config
         self.model = Qwen2Model(cfg, self.dtype, self.param_dtype, self.remat)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")),
+            self.lm_head = HeadProjection(
+                (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, stddev=cfg.initializer_range,
+                dtype=self.dtype, param_dtype=self.param_dtype,
             )
         if self.with_head:
             self.sprm = SPRMHead(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
