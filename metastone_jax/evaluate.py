@@ -24,8 +24,8 @@ from tqdm import tqdm
 from metastone_jax import tts
 from metastone_jax.data import ArithmeticTask, TextTokenizer, extract_answer, is_equivalent, load_records
 from metastone_jax.models.reflective import ReflectiveModel
-from metastone_jax.rollout import encode_prompts
-from metastone_jax.sampling import SamplingConfig, sample, trajectory_scores
+from metastone_jax.rollout import encode_prompts, score_trajectories
+from metastone_jax.sampling import SamplingConfig, sample
 
 # Held-out problems of the embedded task come from indices far past anything a run trains on.
 EVAL_INDEX_OFFSET = 10**12
@@ -70,7 +70,6 @@ def evaluate_records(
     if not module.with_head:
         raise ValueError("the model has no SPRM head (score_module.pt): best-of-k selection needs one")
     think_ids = tuple(tokenizer.think_ids) if tokenizer.think_ids else None
-    score = jax.jit(trajectory_scores, static_argnums=(1, 2))
     per_call = max(1, ROWS_PER_CALL // num_samples)
     samples: list[dict[str, Any]] = []
     key = jax.random.key(seed)
@@ -80,7 +79,7 @@ def evaluate_records(
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             out = sample(module, params, prompt_tokens, prompt_mask, jax.random.fold_in(key, start), config=sampling,
                          eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, num_samples=num_samples)
-        step_mask, scores = score(out, tuple(tokenizer.delimiter_ids), think_ids)
+        step_mask, scores = score_trajectories(out, tuple(tokenizer.delimiter_ids), think_ids)
         sequences, response_mask = np.asarray(out.sequences), np.asarray(out.response_mask)
         step_mask, step_logits, scores = np.asarray(step_mask), np.asarray(out.step_logits), np.asarray(scores)
         lengths = np.asarray(out.lengths)

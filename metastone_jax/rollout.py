@@ -97,7 +97,7 @@ def collect_rollouts(
     prompt_tokens, prompt_mask = encode_prompts(tokenizer, questions)
     out: SampleOutput = sampler(params, prompt_tokens, prompt_mask, key)
     think_ids = tuple(tokenizer.think_ids) if tokenizer.think_ids else None
-    step_mask, scores = _score(out, tuple(tokenizer.delimiter_ids), think_ids)
+    step_mask, scores = score_trajectories(out, tuple(tokenizer.delimiter_ids), think_ids)
     sequences, response_mask = np.asarray(out.sequences), np.asarray(out.response_mask)
     responses = [tokenizer.decode(seq[m]) for seq, m in zip(sequences, response_mask)]
     rewards = np.array([reward(text, answers[row // group_size]) for row, text in enumerate(responses)], np.float32)
@@ -113,7 +113,7 @@ def collect_rollouts(
 
 
 # Delimiter and think ids are static: they select which comparisons the mask is built from.
-_score = jax.jit(trajectory_scores, static_argnums=(1, 2))
+score_trajectories = jax.jit(trajectory_scores, static_argnums=(1, 2))
 
 
 def replica_params(state_params: Any, replica: int = 0) -> Any:

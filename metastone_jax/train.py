@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -32,6 +33,7 @@ from metastone_jax.hf import load_hf, save_hf
 from metastone_jax.losses import RLLossConfig
 from metastone_jax.metrics_log import MetricsWriter
 from metastone_jax.models.reflective import Model, ReflectiveModel, init_params, param_shardings
+from metastone_jax.models.sprm import SPRMHead
 from metastone_jax.rollout import collect_rollouts, make_replica_sampler, replica_params, sft_batch
 from metastone_jax.sampling import SamplingConfig
 from metastone_jax.sharding import make_mesh
@@ -94,13 +96,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- state
 
     def initial_params(self) -> Any:
+        """Random parameters, or the pretrained ones with the released head (a fresh head when there is none)."""
         key = jax.random.key(self.config.seed)
-        params = init_params(self.module, key, self.mesh)
-        if self.config.model.pretrained:
-            loaded = load_hf(self.config.model.pretrained, mesh=self.mesh, dtype=self.module.param_dtype)
-            fresh_head = params["sprm"]
-            params = {**loaded.params, "sprm": loaded.params.get("sprm", fresh_head)}
-        return params
+        if not self.config.model.pretrained:
+            return init_params(self.module, key, self.mesh)
+        loaded = load_hf(self.config.model.pretrained, mesh=self.mesh, dtype=self.module.param_dtype)
+        if "sprm" in loaded.params:
+            return loaded.params
+        head = SPRMHead(self.module.config.hidden_size, dtype=self.module.dtype, param_dtype=self.module.param_dtype)
+        features = jnp.zeros((1, self.module.config.hidden_size), self.module.dtype)
+        init_head = jax.jit(lambda k: nn.unbox(head.init(k, features)["params"]),
+                            out_shardings=self.param_shardings["sprm"])
+        return {**loaded.params, "sprm": init_head(key)}
 
     def checkpoint_tree(self, state: TrainState, ref_params: Any) -> dict:
         return {"state": state, "ref_params": ref_params}
