@@ -150,7 +150,8 @@ class ModelConfig:
     architecture: Qwen2Config = TINY_ARCHITECTURE
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool = False  # recompute each layer in the backward pass (memory for compute)
+    scan_layers: bool = True  # one compiled layer body; false unrolls the stack (faster on CPU, slower to compile)
 
     def qwen2_config(self) -> Qwen2Config:
         """The architecture actually built: `pretrained`'s config.json when set, else `architecture`."""

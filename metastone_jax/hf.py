@@ -151,10 +151,12 @@ def load_hf(
     mesh: jax.sharding.Mesh | None = None,
     dtype: Any = jnp.float32,
     with_head: bool | None = None,
+    scan_layers: bool = True,
 ) -> Model:
     """Loads a local Hugging Face Qwen2 directory (and its SPRM head when present) into the sharding of `mesh`.
 
     `with_head=None` loads the head if `score_module.pt`/`.safetensors` is there; True requires it; False skips it.
+    `scan_layers=False` unrolls the layer stack (same parameters): faster on CPU, slower to compile for deep models.
     """
     path = Path(path)
     if not path.is_dir():
@@ -167,7 +169,7 @@ def load_hf(
     with_head = head_path is not None if with_head is None else with_head
     head = _HeadTensors(head_path) if with_head else None
 
-    module = ReflectiveModel(config, with_head=with_head, dtype=dtype, param_dtype=dtype)
+    module = ReflectiveModel(config, with_head=with_head, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
     if mesh is None:
         mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     shardings = traverse_util.flatten_dict(param_shardings(module, mesh), sep="/")

@@ -72,7 +72,9 @@ class Trainer:
         self.mesh = make_mesh(config.mesh)
         self.algorithm = comms.get(config.comm.algorithm, **config.comm.options)
         dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
-        self.module = ReflectiveModel(architecture, True, dtype, param_dtype, config.model.remat)
+        self.module = ReflectiveModel(
+            architecture, True, dtype, param_dtype, config.model.remat, config.model.scan_layers
+        )
         self.param_shardings = param_shardings(self.module, self.mesh)
         rl = config.rl
         self.loss_config = RLLossConfig(

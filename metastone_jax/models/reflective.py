@@ -33,10 +33,11 @@ class ReflectiveModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = True
 
     def setup(self):
         cfg = self.config
-        self.model = Qwen2Model(cfg, self.dtype, self.param_dtype, self.remat)
+        self.model = Qwen2Model(cfg, self.dtype, self.param_dtype, self.remat, self.scan_layers)
         if not cfg.tie_word_embeddings:
             self.lm_head = HeadProjection(
                 (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, stddev=cfg.initializer_range,

@@ -81,3 +81,38 @@ def test_score_module_pt_loads_with_transposes_right(tmp_path):
     with torch.no_grad():
         expected = head(torch.from_numpy(np.array(out.features))).squeeze(-1).numpy()
     np.testing.assert_allclose(np.asarray(out.step_logits), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_blocked_attention_logits_and_parameter_gradients_equal_transformers(tmp_path, scan_layers):
+    """seq 75 runs attention in query blocks (32, 32, 11); the gradient of a cross entropy equals torch autograd's."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from safetensors.numpy import load_file
+
+    reference = random_qwen2(11, heads=4, kv_heads=2, tied=False, layers=2)
+    reference.save_pretrained(tmp_path / "in")
+    model = ms.load_hf(tmp_path / "in", with_head=False, scan_layers=scan_layers)
+    tokens = _tokens(11, batch=2, seq=75)
+    logits, _ = hf_reference(reference, tokens)
+    np.testing.assert_allclose(np.asarray(model(tokens).logits), logits, atol=1e-4, rtol=0)
+
+    torch_tokens = torch.from_numpy(tokens).long()
+    reference.zero_grad()
+    torch_logits = reference(torch_tokens).logits[:, :-1]
+    torch.nn.functional.cross_entropy(torch_logits.reshape(-1, 97), torch_tokens[:, 1:].reshape(-1)).backward()
+
+    def loss(params):
+        out = model.module.apply({"params": params}, jnp.asarray(tokens))
+        return optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], jnp.asarray(tokens)[:, 1:]).mean()
+
+    grads = jax.jit(jax.grad(loss))(model.params)
+    # save_hf names and transposes our gradient tree as the Hugging Face tensors it belongs to.
+    ms.save_hf(ms.Model(model.module, grads), tmp_path / "grads")
+    ours = load_file(tmp_path / "grads" / "model.safetensors")
+    theirs = {name: p.grad.numpy() for name, p in reference.named_parameters()}
+    assert set(ours) == set(theirs)
+    for name, grad in theirs.items():
+        scale = np.abs(grad).max()
+        np.testing.assert_allclose(ours[name], grad, atol=2e-5 * scale + 1e-7, rtol=0, err_msg=name)
