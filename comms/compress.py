@@ -11,8 +11,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-# Bit j of a packed byte holds element 8*i + j, most significant bit first (the order of numpy.packbits).
-_BIT_SHIFTS = jnp.arange(7, -1, -1, dtype=jnp.uint8)
+# Planar bit order: a row of 8*m values packs into m bytes, and bit j (most significant first) of byte i holds
+# value j*m + i, i.e. numpy.packbits over the rows of x.reshape(8, m). Every bit plane is then a contiguous slice,
+# so packing and unpacking are whole-vector shifts that vectorize (8 adjacent values per byte do not, on CPU).
+_BIT_SHIFTS = jnp.arange(7, -1, -1, dtype=jnp.uint8)[:, None]
 # MinMaxUInt8 keeps a zero range from dividing by zero (BAGUA's constant).
 _MINMAX_EPS = 1e-7
 _LEVELS = 255.0
@@ -34,16 +36,16 @@ def signs(x: jax.Array) -> jax.Array:
 
 
 def pack_signs(x: jax.Array) -> jax.Array:
-    """Packs the signs of x ([..., 8*m]) into bytes ([..., m] uint8); a set bit means x >= 0."""
+    """Packs the signs of x ([..., 8*m]) into bytes ([..., m] uint8, planar bit order); a set bit means x >= 0."""
     if x.shape[-1] % 8:
         raise ValueError(f"pack_signs needs a last axis that is a multiple of 8, got shape {x.shape}")
-    bits = (x >= 0).astype(jnp.uint8).reshape(*x.shape[:-1], -1, 8)
-    return jnp.sum(bits << _BIT_SHIFTS, axis=-1, dtype=jnp.uint8)
+    bits = (x >= 0).astype(jnp.uint8).reshape(*x.shape[:-1], 8, -1)
+    return jnp.sum(bits << _BIT_SHIFTS, axis=-2, dtype=jnp.uint8)
 
 
 def unpack_signs(packed: jax.Array, dtype=jnp.float32) -> jax.Array:
     """The inverse of `pack_signs`: [..., m] uint8 -> [..., 8*m] of +1/-1."""
-    bits = (packed[..., None] >> _BIT_SHIFTS) & 1
+    bits = (packed[..., None, :] >> _BIT_SHIFTS) & 1
     return (bits.astype(dtype) * 2 - 1).reshape(*packed.shape[:-1], -1)
 
 
@@ -52,9 +54,12 @@ def onebit_scale(x: jax.Array) -> jax.Array:
     return jnp.linalg.norm(x, axis=-1) / jnp.sqrt(jnp.asarray(x.shape[-1], x.dtype))
 
 
-def onebit_compress(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """1-bit compression of [..., 8*m]: (packed signs [..., m] uint8, scales [...], error x - decoded)."""
-    scale = onebit_scale(x)
+def onebit_compress(x: jax.Array, scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """1-bit compression of [..., 8*m]: (packed signs [..., m] uint8, scales [...], error x - decoded).
+
+    The scale is `onebit_scale` of each row unless given (one for several rows: a shape that broadcasts to [...]).
+    """
+    scale = onebit_scale(x) if scale is None else scale
     error = x - scale[..., None] * signs(x)
     return pack_signs(x), scale, error
 

@@ -13,11 +13,13 @@ def _values(size, seed=0):
     return x
 
 
-def test_pack_signs_equals_numpy_packbits_and_unpacks_back():
+def test_pack_signs_equals_numpy_packbits_of_bit_planes_and_unpacks_back():
     x = _values((3, 64))
     packed = compress.pack_signs(jnp.asarray(x))
     assert packed.dtype == jnp.uint8 and packed.shape == (3, 8)
-    np.testing.assert_array_equal(np.asarray(packed), np.packbits((x >= 0).astype(np.uint8), axis=-1))
+    # Planar order: bit j (most significant first) of byte i of a row holds value j*8 + i of that row.
+    planes = (x >= 0).astype(np.uint8).reshape(3, 8, 8)
+    np.testing.assert_array_equal(np.asarray(packed), np.packbits(planes, axis=-2)[:, 0])
     np.testing.assert_array_equal(np.asarray(compress.unpack_signs(packed)), np.where(x >= 0, 1.0, -1.0))
 
 
