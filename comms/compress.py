@@ -45,8 +45,7 @@ def pack_signs(x: jax.Array) -> jax.Array:
 
 def unpack_signs(packed: jax.Array, dtype=jnp.float32) -> jax.Array:
     """The inverse of `pack_signs`: [..., m] uint8 -> [..., 8*m] of +1/-1."""
-    bits = (packed[..., None, :] >> _BIT_SHIFTS) & 1
-    return (bits.astype(dtype) * 2 - 1).reshape(*packed.shape[:-1], -1)
+    return onebit_decompress(packed, jnp.ones(packed.shape[:-1], dtype))
 
 
 def onebit_scale(x: jax.Array) -> jax.Array:
@@ -65,8 +64,16 @@ def onebit_compress(x: jax.Array, scale: jax.Array | None = None) -> tuple[jax.A
 
 
 def onebit_decompress(packed: jax.Array, scale: jax.Array) -> jax.Array:
-    """scale * sign, from packed signs [..., m] and scales [...]."""
-    return scale[..., None] * unpack_signs(packed, scale.dtype)
+    """scale * sign, from packed signs [..., m] and non-negative scales [...] (floats).
+
+    Built as the scale with its sign bit set where the packed bit is clear: exact, and on CPU several times
+    cheaper than widening bytes to floats and multiplying.
+    """
+    width = jnp.dtype(scale.dtype).itemsize * 8
+    uint = jnp.dtype(f"uint{width}")
+    clear = (~packed.astype(uint)[..., None, :] >> _BIT_SHIFTS.astype(uint)) & 1  # [..., 8, m]: 1 = negative
+    bits = jax.lax.bitcast_convert_type(scale, uint)[..., None, None] | (clear << (width - 1))
+    return jax.lax.bitcast_convert_type(bits, scale.dtype).reshape(*packed.shape[:-1], -1)
 
 
 def _minmax_grid(minmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -48,6 +48,16 @@ def test_onebit_scale_sign_and_error_equal_numpy():
     np.testing.assert_allclose(decoded, x - np.asarray(error), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_onebit_decompress_is_scale_times_sign_exactly(dtype):
+    x = _values((3, 48), seed=3)
+    scale = np.array([0.0, 0.37, 2.5e3], np.float32)
+    decoded = compress.onebit_decompress(compress.pack_signs(jnp.asarray(x)), jnp.asarray(scale, dtype))
+    assert decoded.dtype == dtype
+    want = np.asarray(jnp.asarray(scale, dtype)).astype(np.float32)[:, None] * np.where(x >= 0, 1.0, -1.0)
+    np.testing.assert_array_equal(np.asarray(decoded).astype(np.float32), want)
+
+
 def test_onebit_keeps_the_l2_norm():
     x = _values((1000,), seed=2)
     packed, scale, _ = compress.onebit_compress(jnp.asarray(x))

@@ -123,3 +123,13 @@ if __name__ == "__main__":
     results = train_all(harness.fetch)
     if process_id == 0:
         np.savez(sys.argv[1], **results)
+
+
+def test_children_get_the_cluster_variables_and_huge_pages_without_losing_other_tunables():
+    env = local_cluster.child_environment(1, 2, 1234, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/h"})
+    assert env["HOME"] == "/h" and env[local_cluster.PROCESS_ID_ENV] == "1"
+    assert env[local_cluster.NUM_PROCESSES_ENV] == "2" and env[local_cluster.COORDINATOR_ENV] == "127.0.0.1:1234"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert local_cluster.child_environment(0, 1, 1, {})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    chosen = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    assert local_cluster.child_environment(0, 1, 1, chosen)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
