@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -95,9 +94,7 @@ def measure(algorithm, mesh, params, x, y, steps: int) -> dict:
     params = jax.tree.map(lambda leaf: leaf.copy(), params)
     opt_state, comm_state = init_fn(params)
     compiled = step.lower(params, opt_state, comm_state, x, y, jax.numpy.int32(0)).compile()
-    # XLA prints `/*index=5*/` before the 6th operand of long operand lists, which comms.wire_bytes does not
-    # read yet (reported to its owner); drop those comments.
-    wire = comms.wire_bytes(re.sub(r"/\*.*?\*/", "", compiled.as_text()))
+    wire = comms.wire_bytes(compiled)
     # Two warm-up steps: past the compressed-Adam warm-up, and past any first-call cost.
     for i in range(2):
         params, opt_state, comm_state, loss = compiled(params, opt_state, comm_state, x, y, jax.numpy.int32(i))

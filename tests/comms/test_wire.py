@@ -107,3 +107,16 @@ def test_per_tensor_compression_sends_all_leaves_in_the_same_collectives(name):
     # (min, max) per chunk both ways.
     headers = 5 * 4 * (n + 1 if name == "onebit" else 2 * n + 2)
     assert got["total"] == payload * (1 + 1 / n) + headers
+
+
+def test_operand_lists_with_index_comments_count_every_operand():
+    # XLA prints /*index=5*/ before the 6th operand of long operand lists; the comment must not hide it.
+    hlo = "\n".join(
+        [f"  %p{i} = f32[{i + 1},8]{{1,0}} parameter({i})" for i in range(7)]
+        + [
+            "  ROOT %all-reduce.1 = (f32[1,8], f32[2,8], f32[3,8], f32[4,8], f32[5,8], f32[6,8], f32[7,8]) "
+            "all-reduce(%p0, %p1, %p2, %p3, %p4, /*index=5*/%p5, %p6), replica_groups={{0,1}}, to_apply=%add"
+        ]
+    )
+    got = comms.wire_bytes(hlo)
+    assert got["all-reduce"] == got["total"] == sum((i + 1) * 8 * 4 for i in range(7))
