@@ -10,7 +10,8 @@ per bucket; a bucket per tensor gives every tensor its own MinMax range, never a
 Every replica is the "server" of one chunk of every leaf (the two-phase scatter-gather of BAGUA/DeepSpeed). The
 leaves' payloads are concatenated, with their headers (one or two float32 numbers per leaf and chunk) appended as
 bytes, so that each phase is one collective whatever the number of leaves: two round trips per all-reduce. Payloads
-are uint8 (MinMax codes or packed signs). Every replica decodes the same all-gathered bytes alike, so replicas stay bit-identical.
+are uint8 (MinMax codes or packed signs). Every replica decodes the same all-gathered bytes alike, so replicas stay
+bit-identical.
 """
 
 from __future__ import annotations
