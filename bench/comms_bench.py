@@ -11,6 +11,7 @@ step time, speedup over pmean, and the bound compute + pmean's communication tim
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -81,29 +82,39 @@ def measure(algorithm, mesh, params, x, y, steps: int) -> dict:
         local = comms.strip_replica_dim(params)
         return comms.add_replica_dim(tx.init(local)), comms.add_replica_dim(algorithm.init(local))
 
-    def step_fn(params, opt_state, comm_state, x, y, step):
+    def step_fn(params, opt_state, comm_state, x, y, step, phase):
         params, opt_state, comm_state = map(comms.strip_replica_dim, (params, opt_state, comm_state))
         loss, grads = jax.value_and_grad(model_loss)(params, x[0], y[0])
-        params, opt_state, comm_state = comms.apply_gradients(algorithm, tx, grads, params, opt_state, comm_state, step)
+        params, opt_state, comm_state = comms.apply_gradients(
+            algorithm, tx, grads, params, opt_state, comm_state, step, phase
+        )
         return (*map(comms.add_replica_dim, (params, opt_state, comm_state)), loss[None])
 
     init_fn = jax.jit(jax.shard_map(init_states, mesh=mesh, in_specs=spec, out_specs=spec))
-    step = jax.jit(
-        jax.shard_map(step_fn, mesh=mesh, in_specs=(spec,) * 5 + (P(),), out_specs=spec), donate_argnums=(0, 1, 2)
-    )
     params = jax.tree.map(lambda leaf: leaf.copy(), params)
     opt_state, comm_state = init_fn(params)
-    compiled = step.lower(params, opt_state, comm_state, x, y, jax.numpy.int32(0)).compile()
-    wire = comms.wire_bytes(compiled)
+    compiled = {}  # one program per optimizer phase (1-bit Adam: warm-up, compressed), as the train loop does
+
+    def run_step(i, params, opt_state, comm_state):
+        phase = algorithm.phase(i)
+        if phase not in compiled:
+            sharded = jax.shard_map(
+                functools.partial(step_fn, phase=phase), mesh=mesh, in_specs=(spec,) * 5 + (P(),), out_specs=spec
+            )
+            step = jax.jit(sharded, donate_argnums=(0, 1, 2))
+            compiled[phase] = step.lower(params, opt_state, comm_state, x, y, jax.numpy.int32(i)).compile()
+        return compiled[phase](params, opt_state, comm_state, x, y, jax.numpy.int32(i))
+
     # Two warm-up steps: past the compressed-Adam warm-up, and past any first-call cost.
     for i in range(2):
-        params, opt_state, comm_state, loss = compiled(params, opt_state, comm_state, x, y, jax.numpy.int32(i))
+        params, opt_state, comm_state, loss = run_step(i, params, opt_state, comm_state)
     jax.block_until_ready(loss)
     start = time.perf_counter()
     for i in range(2, 2 + steps):
-        params, opt_state, comm_state, loss = compiled(params, opt_state, comm_state, x, y, jax.numpy.int32(i))
+        params, opt_state, comm_state, loss = run_step(i, params, opt_state, comm_state)
     jax.block_until_ready(loss)
-    return {"wire_bytes_hlo": wire["total"], "step_s": (time.perf_counter() - start) / steps}
+    step_s = (time.perf_counter() - start) / steps
+    return {"wire_bytes_hlo": comms.wire_bytes(compiled[algorithm.phase(2)])["total"], "step_s": step_s}
 
 
 def child(steps: int) -> None:
@@ -130,16 +141,11 @@ def child(steps: int) -> None:
             print("RESULT " + json.dumps({"algorithm": label(name, options), **result}), flush=True)
 
 
-def per_step_wire_bytes(name: str, options: dict, hlo_bytes: int, pmean_bytes: int) -> float:
-    """Bytes one steady-state step sends: the HLO lists both branches of a conditional exchange.
-
-    local_sgd's all-reduce runs every `period` steps; 1-bit Adam / QAdam also hold the warm-up branch, a
-    full-precision gradient all-reduce of exactly pmean's size, which no longer runs after the warm-up.
-    """
+def per_step_wire_bytes(name: str, options: dict, hlo_bytes: int) -> float:
+    """Bytes one steady-state step sends. The HLO of local_sgd holds its averaging all-reduce in a conditional
+    that runs every `period` steps (1-bit Adam / QAdam are measured on their compressed-phase program)."""
     if name == "local_sgd":
         return hlo_bytes / options["period"]
-    if name in ("onebit_adam", "qadam"):
-        return hlo_bytes - pmean_bytes
     return hlo_bytes
 
 
@@ -160,7 +166,7 @@ def run_bandwidth(bandwidth: str, steps: int) -> list[dict]:
     rows = []
     for name, options in ALGORITHMS:
         row = by_label[label(name, options)]
-        wire = per_step_wire_bytes(name, options, row["wire_bytes_hlo"], pmean["wire_bytes_hlo"])
+        wire = per_step_wire_bytes(name, options, row["wire_bytes_hlo"])
         ratio = wire / pmean["wire_bytes_hlo"]
         bound_s = compute_s + pmean_comm_s * ratio
         rows.append({

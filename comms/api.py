@@ -10,6 +10,12 @@ state *without* the replica dimension, and calls, in order:
     params = optax.apply_updates(params, updates)
     params, state = algorithm.sync_parameters(params, state, step)        # after the optimizer
 
+An algorithm whose optimizer switches code paths over time (1-bit Adam's warm-up, then compressed momenta)
+names them with `phase(update)`. A caller that knows how many updates its optimizer has taken compiles one step
+per phase and passes it on (`apply_gradients(..., phase=...)`): the step then holds only that path. Without it
+the switch is a `lax.cond` on the optimizer's count, whose outputs XLA cannot write in place: for 1-bit Adam
+extra temporaries of 2.6x the parameters' bytes, filled and copied out every step (BENCHMARKS.md).
+
 Outside the shard_map every per-replica leaf (parameters, optimizer state, algorithm state) carries a
 leading replica dimension sharded over the replica axis, so that algorithms that let replicas differ
 (decentralized, local SGD, error-feedback buffers) and those that keep them bit-identical share one layout.
@@ -18,7 +24,7 @@ leading replica dimension sharded over the replica axis, so that algorithms that
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +76,10 @@ class CommAlgorithm:
     def sync_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
         """What the replicas exchange after the optimizer has updated their parameters."""
         return params, state
+
+    def phase(self, update: int) -> Hashable:
+        """The optimizer's code path at its update number `update` (0-based); None where it has only one."""
+        return None
 
     def optimizer(
         self,
@@ -126,11 +136,18 @@ def apply_gradients(
     opt_state: PyTree,
     comm_state: PyTree,
     step: jax.Array,
+    phase: Hashable = None,
 ) -> tuple[PyTree, PyTree, PyTree]:
-    """One replica's update inside the shard_map: mix parameters, exchange gradients, optimize, synchronize."""
+    """One replica's update inside the shard_map: mix parameters, exchange gradients, optimize, synchronize.
+
+    `phase`: `algorithm.phase(update)` for this update, known when the step is compiled; None decides at run time.
+    """
     params, comm_state = algorithm.mix_parameters(params, comm_state, step)
     grads, comm_state = algorithm.reduce_gradients(grads, comm_state, step)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    if phase is None:
+        updates, opt_state = tx.update(grads, opt_state, params)
+    else:
+        updates, opt_state = optax.with_extra_args_support(tx).update(grads, opt_state, params, phase=phase)
     params = optax.apply_updates(params, updates)
     params, comm_state = algorithm.sync_parameters(params, comm_state, step)
     return params, opt_state, comm_state

@@ -17,12 +17,16 @@ Choices at and after the freeze, where the references differ:
   the learning rate); BAGUA's QAdam accepts but ignores it. It is skipped entirely when 0, so the warm-up
   equals `optax.adam` bit for bit.
 - Error buffers start at zero at the freeze (DeepSpeed allocates them then) and persist afterwards.
+
+The two phases are named "warmup" and "compressed" (`phase(update)`); the update takes the phase as an optax extra
+argument (`tx.update(grads, state, params, phase=...)`) and then runs that phase alone. Without it, a `lax.cond`
+on the count chooses at run time (see comms.api).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +66,9 @@ class _CompressedAdam(CommAlgorithm):
     def reduce_gradients(self, grads, state, step):
         return grads, state  # the optimizer communicates
 
+    def phase(self, update: int) -> Literal["warmup", "compressed"]:
+        return "warmup" if update < self.warmup_steps else "compressed"
+
     def optimizer(self, learning_rate, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0):
         steps = [self.scale_by_compressed_adam(b1, b2, eps)]
         if weight_decay:
@@ -69,7 +76,7 @@ class _CompressedAdam(CommAlgorithm):
         steps.append(optax.scale_by_learning_rate(learning_rate))
         return optax.chain(*steps)
 
-    def scale_by_compressed_adam(self, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    def scale_by_compressed_adam(self, b1: float, b2: float, eps: float) -> optax.GradientTransformationExtraArgs:
         """Adam's direction m_hat / (sqrt(v_hat) + eps), with the communication described in the module doc."""
         axis_name, warmup_steps = self.axis_name, self.warmup_steps
 
@@ -92,16 +99,21 @@ class _CompressedAdam(CommAlgorithm):
             mu, exchange = self.exchange_momentum(mu, state.exchange)
             return mu, state.nu, exchange
 
-        def update(grads, state, params=None):
+        def update(grads, state, params=None, *, phase=None, **unused_extra_args):
             del params
-            mu, nu, exchange = jax.lax.cond(state.count < warmup_steps, warmup, compressed, grads, state)
+            if phase is None:
+                mu, nu, exchange = jax.lax.cond(state.count < warmup_steps, warmup, compressed, grads, state)
+            elif phase in ("warmup", "compressed"):
+                mu, nu, exchange = (warmup if phase == "warmup" else compressed)(grads, state)
+            else:
+                raise ValueError(f"{self.name}: unknown phase {phase!r}; its phases are 'warmup' and 'compressed'")
             count = optax.safe_increment(state.count)
             mu_hat = optax.tree.bias_correction(mu, b1, count)
             nu_hat = optax.tree.bias_correction(nu, b2, jnp.minimum(count, warmup_steps))
             direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
             return direction, CompressedAdamState(count, mu, nu, exchange)
 
-        return optax.GradientTransformation(init, update)
+        return optax.GradientTransformationExtraArgs(init, update)
 
 
 @register("onebit_adam")

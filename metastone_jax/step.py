@@ -11,7 +11,8 @@ clips and steps the actor and the score module separately.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import functools
+from typing import Any, Callable, Hashable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -156,50 +157,52 @@ def _make_step(module, algorithm, tx, mesh, replica_loss, prepare, required_keys
     """Jits one train step around `replica_loss(params, batch, step, *extras) -> (loss, metrics)` (one replica).
 
     `prepare(batch)` runs on the global batch before the shard_map (e.g. GRPO advantages over whole groups);
-    `extras` are replicated over `data` (e.g. the frozen reference parameters).
+    `extras` are replicated over `data` (e.g. the frozen reference parameters). The returned step takes
+    `phase=algorithm.phase(k)`, k the number of updates the state's optimizer has taken, to compile the optimizer's
+    path for that phase alone (None: chosen at run time; see comms.api).
     """
     rules = logical_rules(manual_axes=(DATA,))
 
-    def per_replica(state: TrainState, batch, *extras):
+    def per_replica(state: TrainState, batch, *extras, phase):
         params, opt_state, comm_state = map(comms.strip_replica_dim, (state.params, state.opt_state, state.comm_state))
         with nn.logical_axis_rules(rules):
             grads, metrics = jax.grad(replica_loss, has_aux=True)(params, batch, state.step, *extras)
         params, opt_state, comm_state = comms.apply_gradients(
-            algorithm, tx, grads, params, opt_state, comm_state, state.step
+            algorithm, tx, grads, params, opt_state, comm_state, state.step, phase
         )
         new_state = TrainState(state.step + 1, *map(comms.add_replica_dim, (params, opt_state, comm_state)))
         return new_state, jax.lax.pmean(metrics, DATA)
 
     extra_specs = tuple(P() for _ in extra_shardings)
-    sharded = jax.shard_map(
-        per_replica,
-        mesh=mesh,
-        in_specs=(_state_specs(), P(DATA), *extra_specs),
-        out_specs=(_state_specs(), P()),
-        axis_names={DATA},
-    )
     num_replicas = mesh.shape[DATA]
-
-    def step(state, batch, *extras):
-        return sharded(state, prepare(batch), *extras)
 
     state_shardings = train_state_shardings(module, algorithm, tx, mesh)
     batch_sharding = NamedSharding(mesh, P(DATA))
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_sharding, *extra_shardings),
-        out_shardings=(state_shardings, NamedSharding(mesh, P())),
-        donate_argnums=0,
-    )
 
-    def checked(state: TrainState, batch: dict, *extras):
+    @functools.cache
+    def jitted(phase):
+        sharded = jax.shard_map(
+            functools.partial(per_replica, phase=phase),
+            mesh=mesh,
+            in_specs=(_state_specs(), P(DATA), *extra_specs),
+            out_specs=(_state_specs(), P()),
+            axis_names={DATA},
+        )
+        return jax.jit(
+            lambda state, batch, *extras: sharded(state, prepare(batch), *extras),
+            in_shardings=(state_shardings, batch_sharding, *extra_shardings),
+            out_shardings=(state_shardings, NamedSharding(mesh, P())),
+            donate_argnums=0,
+        )
+
+    def checked(state: TrainState, batch: dict, *extras, phase: Hashable = None):
         missing = [k for k in required_keys if k not in batch]
         if missing:
             raise ValueError(f"train batch is missing {', '.join(missing)}; it needs {', '.join(required_keys)}")
         size = batch["tokens"].shape[0]
         if size % num_replicas:
             raise ValueError(f"batch size {size} is not divisible by the {num_replicas} replicas of the `data` axis")
-        return jitted(state, batch, *extras)
+        return jitted(phase)(state, batch, *extras)
 
     return checked
 

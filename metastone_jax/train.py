@@ -151,7 +151,8 @@ class Trainer:
             if step < config.sft.steps:
                 phase = "sft"
                 samples = next(iterators["sft"])
-                state, metrics = sft_step(state, sft_batch(self.tokenizer, samples["question"], samples["solution"]))
+                batch = sft_batch(self.tokenizer, samples["question"], samples["solution"])
+                state, metrics = sft_step(state, batch, phase=self.algorithm.phase(step))
                 metrics = {k: float(v) for k, v in metrics.items()}
             else:
                 phase = "rl"
@@ -164,7 +165,9 @@ class Trainer:
                 key = jax.random.fold_in(jax.random.key(config.seed), step)
                 rollouts = collect_rollouts(sampler, state.params, self.tokenizer, samples["question"],
                                             samples["answer"], key, config.rl.group_size)
-                state, metrics = rl_step(state, rollouts.batch, ref_params)
+                # The RL optimizer started at step sft.steps: its update count is the comm phase's clock.
+                rl_phase = self.algorithm.phase(step - config.sft.steps)
+                state, metrics = rl_step(state, rollouts.batch, ref_params, phase=rl_phase)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 metrics["reward"] = float(rollouts.batch["rewards"].mean())
                 metrics["sprm_auroc"] = tts.auroc(rollouts.trajectory_scores, rollouts.batch["outcome"] > 0)

@@ -6,6 +6,8 @@ state carry the leading replica dimension, sharded over the `data` axis, exactly
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,8 +73,11 @@ def train(
     mesh: jax.sharding.Mesh | None = None,
     per_replica: int = 16,
     noise: float = 0.0,
+    static_phases: bool = False,
 ):
     """Trains the MLP; returns (params with the replica dimension, [steps, replicas] local losses).
+
+    `static_phases`: compile one step per `algorithm.phase(i)` and pass the phase (else: chosen at run time).
 
     `initial_params` (with the replica dimension) lets replicas start apart, e.g. to test consensus.
     `per_replica` examples per replica: more makes the replicas' data sets alike (closer to IID shards).
@@ -94,22 +99,28 @@ def train(
         local = comms.strip_replica_dim(params)
         return comms.add_replica_dim(tx.init(local)), comms.add_replica_dim(algorithm.init(local))
 
-    def step_fn(params, opt_state, comm_state, x, y, step):
+    def step_fn(params, opt_state, comm_state, x, y, step, phase):
         params, opt_state, comm_state = map(comms.strip_replica_dim, (params, opt_state, comm_state))
         loss, grads = jax.value_and_grad(mlp_loss)(params, x[0], y[0])
         if zero_gradients:
             grads = jax.tree.map(jnp.zeros_like, grads)
-        params, opt_state, comm_state = comms.apply_gradients(algorithm, tx, grads, params, opt_state, comm_state, step)
+        params, opt_state, comm_state = comms.apply_gradients(
+            algorithm, tx, grads, params, opt_state, comm_state, step, phase
+        )
         return (*map(comms.add_replica_dim, (params, opt_state, comm_state)), loss[None])
 
     init_fn = jax.jit(jax.shard_map(init_states, mesh=mesh, in_specs=spec, out_specs=spec))
-    step = jax.jit(
-        jax.shard_map(step_fn, mesh=mesh, in_specs=(spec, spec, spec, spec, spec, P()), out_specs=spec)
-    )
+
+    @functools.cache
+    def step_for(phase):
+        sharded = functools.partial(step_fn, phase=phase)
+        return jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(spec, spec, spec, spec, spec, P()), out_specs=spec))
+
     params = jax.device_put(initial_params, jax.NamedSharding(mesh, spec))
     opt_state, comm_state = init_fn(params)
     losses = []
     for i in range(num_steps):
+        step = step_for(algorithm.phase(i) if static_phases else None)
         params, opt_state, comm_state, loss = step(params, opt_state, comm_state, x, y, jnp.int32(i))
         losses.append(fetch(loss))
     return params, np.stack(losses)

@@ -1,6 +1,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -84,9 +85,11 @@ def numpy_compressed_adam(gradient_steps, warmup_steps, exchange):
     return updates
 
 
+@pytest.mark.parametrize("static_phases", [False, True], ids=["run-time-switch", "static-phase"])
 @pytest.mark.parametrize("name", ["onebit_adam", "qadam"])
-def test_warmup_longer_than_the_run_equals_optax_adam_bitwise(name):
-    params, losses = harness.train(comms.get(name, warmup_steps=100), num_replicas=4, num_steps=10)
+def test_warmup_longer_than_the_run_equals_optax_adam_bitwise(name, static_phases):
+    algorithm = comms.get(name, warmup_steps=100)
+    params, losses = harness.train(algorithm, num_replicas=4, num_steps=10, static_phases=static_phases)
     want_params, want_losses = harness.train(PlainAdam(), num_replicas=4, num_steps=10)
     np.testing.assert_array_equal(losses, want_losses)
     for leaf, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
@@ -145,6 +148,53 @@ def test_compressed_phase_per_tensor_over_steps_equals_numpy_simulation(name, n)
     for result, want in zip(results, wants):
         for replica in range(n):
             np.testing.assert_allclose(result[replica], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["onebit_adam", "qadam"])
+@pytest.mark.parametrize("n", [2, 4])
+def test_steps_compiled_per_phase_equal_the_run_time_switch_bitwise(name, n):
+    algorithm = comms.get(name, warmup_steps=3)
+    assert [algorithm.phase(i) for i in range(5)] == ["warmup"] * 3 + ["compressed"] * 2
+    params, losses = harness.train(algorithm, num_replicas=n, num_steps=7, static_phases=True)
+    want_params, want_losses = harness.train(algorithm, num_replicas=n, num_steps=7)
+    np.testing.assert_array_equal(losses, want_losses)
+    for leaf, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+
+
+def test_compressed_phase_step_needs_no_temporaries_for_the_moments():
+    # Under the run-time switch the cond's outputs (both moments, the error buffers) are buffers of their own;
+    # the step compiled for the compressed phase updates the state in place. Compiled only, never run.
+    n, width = 2, 512
+    algorithm = comms.get("onebit_adam", warmup_steps=1)
+    tx = algorithm.optimizer(LR)
+    params = {"a": np.zeros((n, width, width), np.float32), "b": np.zeros((n, width, width), np.float32)}
+    moment_bytes = 2 * 4 * 2 * width * width  # mu and nu of one replica
+
+    def temp_bytes(phase):
+        def step(params, opt_state, comm_state):
+            local = map(comms.strip_replica_dim, (params, opt_state, comm_state))
+            grads = jax.tree.map(jnp.sin, comms.strip_replica_dim(params))
+            return tuple(map(comms.add_replica_dim, comms.apply_gradients(algorithm, tx, grads, *local, 0, phase)))
+
+        spec = P("data")
+        mesh = replica_mesh(n)
+        init = jax.shard_map(
+            lambda p: tuple(comms.add_replica_dim(f(comms.strip_replica_dim(p))) for f in (tx.init, algorithm.init)),
+            mesh=mesh, in_specs=spec, out_specs=spec,
+        )  # fmt: skip
+        states = jax.eval_shape(init, params)
+        compiled = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=spec, out_specs=spec), donate_argnums=(0, 1, 2))
+        return compiled.lower(params, *states).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(None) - temp_bytes("compressed") >= moment_bytes
+
+
+def test_unknown_phase_is_rejected():
+    adam = comms.get("onebit_adam").scale_by_compressed_adam(B1, B2, EPS)
+    grads = {"w": np.zeros(3, np.float32)}
+    with pytest.raises(ValueError, match="unknown phase 'frozen'; its phases are 'warmup' and 'compressed'"):
+        adam.update(grads, None, phase="frozen")
 
 
 def test_warmup_steps_below_one_is_rejected():
