@@ -99,14 +99,17 @@ class _CompressedAdam(CommAlgorithm):
             mu, exchange = self.exchange_momentum(mu, state.exchange)
             return mu, state.nu, exchange
 
+        phases = {"warmup": warmup, "compressed": compressed}
+
         def update(grads, state, params=None, *, phase=None, **unused_extra_args):
             del params
             if phase is None:
                 mu, nu, exchange = jax.lax.cond(state.count < warmup_steps, warmup, compressed, grads, state)
-            elif phase in ("warmup", "compressed"):
-                mu, nu, exchange = (warmup if phase == "warmup" else compressed)(grads, state)
+            elif phase in phases:
+                mu, nu, exchange = phases[phase](grads, state)
             else:
-                raise ValueError(f"{self.name}: unknown phase {phase!r}; its phases are 'warmup' and 'compressed'")
+                names = " and ".join(map(repr, phases))
+                raise ValueError(f"{self.name}: unknown phase {phase!r}; its phases are {names}")
             count = optax.safe_increment(state.count)
             mu_hat = optax.tree.bias_correction(mu, b1, count)
             nu_hat = optax.tree.bias_correction(nu, b2, jnp.minimum(count, warmup_steps))

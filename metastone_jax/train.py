@@ -152,7 +152,8 @@ class Trainer:
                 phase = "sft"
                 samples = next(iterators["sft"])
                 batch = sft_batch(self.tokenizer, samples["question"], samples["solution"])
-                state, metrics = sft_step(state, batch, phase=self.algorithm.phase(step))
+                comm_phase = self.algorithm.phase(step)  # the SFT optimizer's update count is the step
+                state, metrics = sft_step(state, batch, phase=comm_phase)
                 metrics = {k: float(v) for k, v in metrics.items()}
             else:
                 phase = "rl"
@@ -165,9 +166,8 @@ class Trainer:
                 key = jax.random.fold_in(jax.random.key(config.seed), step)
                 rollouts = collect_rollouts(sampler, state.params, self.tokenizer, samples["question"],
                                             samples["answer"], key, config.rl.group_size)
-                # The RL optimizer started at step sft.steps: its update count is the comm phase's clock.
-                rl_phase = self.algorithm.phase(step - config.sft.steps)
-                state, metrics = rl_step(state, rollouts.batch, ref_params, phase=rl_phase)
+                comm_phase = self.algorithm.phase(step - config.sft.steps)  # the RL optimizer started at sft.steps
+                state, metrics = rl_step(state, rollouts.batch, ref_params, phase=comm_phase)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 metrics["reward"] = float(rollouts.batch["rewards"].mean())
                 metrics["sprm_auroc"] = tts.auroc(rollouts.trajectory_scores, rollouts.batch["outcome"] > 0)
