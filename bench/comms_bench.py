@@ -1,8 +1,9 @@
 """Communication benchmark: every comms algorithm on 2 processes behind an emulated 1 and 10 Gbit/s link.
 
-    python bench/comms_bench.py [--bandwidths 1gbit 10gbit] [--steps 3] [--json]
+    python bench/comms_bench.py [--bandwidths 1gbit 10gbit] [--latency 5ms] [--steps 3] [--json]
 
-Starts `launch.local_cluster` (needs root for the shaped namespace) once per bandwidth; each child trains a
+Starts `launch.local_cluster` (needs root for the shaped namespace) once per bandwidth, with the one-way packet
+delay of --latency when given (iptables); each child trains a
 ~25M-parameter residual MLP data-parallel under each algorithm and reports the bytes its compiled step puts on
 the wire (`comms.wire_bytes`) and its step time. Printed per algorithm: wire bytes and their ratio to pmean,
 step time, speedup over pmean, and the bound compute + pmean's communication time * wire ratio.
@@ -149,9 +150,10 @@ def per_step_wire_bytes(name: str, options: dict, hlo_bytes: int) -> float:
     return hlo_bytes
 
 
-def run_bandwidth(bandwidth: str, steps: int) -> list[dict]:
+def run_bandwidth(bandwidth: str, latency: str | None, steps: int) -> list[dict]:
+    link = ["--bandwidth", bandwidth, *(["--latency", latency] if latency else [])]
     command = [
-        sys.executable, "-m", "launch.local_cluster", "--num-processes", "2", "--bandwidth", bandwidth,
+        sys.executable, "-m", "launch.local_cluster", "--num-processes", "2", *link,
         "--", "bench/comms_bench.py", "--child", "--steps", str(steps),
     ]  # fmt: skip
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
@@ -170,7 +172,7 @@ def run_bandwidth(bandwidth: str, steps: int) -> list[dict]:
         ratio = wire / pmean["wire_bytes_hlo"]
         bound_s = compute_s + pmean_comm_s * ratio
         rows.append({
-            "algorithm": row["algorithm"], "bandwidth": bandwidth, "wire_bytes": int(wire),
+            "algorithm": row["algorithm"], "bandwidth": bandwidth, "latency": latency or "0", "wire_bytes": int(wire),
             "wire_bytes_hlo": row["wire_bytes_hlo"], "wire_ratio": ratio, "step_s": row["step_s"],
             "speedup": pmean["step_s"] / row["step_s"], "compute_s": compute_s, "bound_s": bound_s,
             "bound_speedup": pmean["step_s"] / bound_s,
@@ -179,12 +181,12 @@ def run_bandwidth(bandwidth: str, steps: int) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["bandwidth", "algorithm", "wire MB/step", "ratio", "step s", "speedup", "bound s", "bound speedup"]
+    header = ["bandwidth", "latency", "algorithm", "wire MB/step", "ratio", "step s", "speedup", "bound s", "bound speedup"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         cells = [
-            r["bandwidth"], r["algorithm"], f"{r['wire_bytes'] / 1e6:.2f}", f"{r['wire_ratio']:.3f}",
+            r["bandwidth"], r["latency"], r["algorithm"], f"{r['wire_bytes'] / 1e6:.2f}", f"{r['wire_ratio']:.3f}",
             f"{r['step_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['bound_s']:.3f}", f"{r['bound_speedup']:.2f}x",
         ]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
@@ -193,6 +195,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bandwidths", nargs="+", default=["1gbit", "10gbit"])
+    parser.add_argument("--latency", help="one-way delay per packet on the emulated link, e.g. 5ms (default: none)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per algorithm (after 2 warm-up steps)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -200,7 +203,7 @@ def main() -> None:
     if args.child:
         child(args.steps)
         return
-    rows = [row for bandwidth in args.bandwidths for row in run_bandwidth(bandwidth, args.steps)]
+    rows = [row for bandwidth in args.bandwidths for row in run_bandwidth(bandwidth, args.latency, args.steps)]
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -4,8 +4,9 @@
 
 Every child gets its rank, the process count and the coordinator address in environment variables and calls
 `initialize_from_env()`, which joins `jax.distributed` with CPU collectives over gloo. With --bandwidth/--latency
-the children run inside a fresh network namespace whose loopback is shaped with `tc` (tbf for bandwidth, netem
-for latency); all traffic stays on 127.0.0.1 inside it. This needs root and iproute2 (`apt-get install iproute2`).
+the children run inside a fresh network namespace whose loopback is shaped: a `tc` tbf rate limit for the bandwidth,
+and for the latency an iptables NFQUEUE rule whose packets `launch.packet_delay` holds back; all traffic stays on
+127.0.0.1 inside it. This needs root, iproute2 and, for --latency, iptables (`apt-get install iproute2 iptables`).
 Output lines are prefixed with the child's rank; the launch fails, and stops the others, when any child fails.
 Children allocate large buffers on transparent huge pages (see `child_environment`).
 """
@@ -24,13 +25,16 @@ import sys
 import threading
 from typing import Iterator
 
+from launch import packet_delay
+
 COORDINATOR_ENV = "METASTONE_COORDINATOR"
 NUM_PROCESSES_ENV = "METASTONE_NUM_PROCESSES"
 PROCESS_ID_ENV = "METASTONE_PROCESS_ID"
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$")
 _RATE_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
-_DELAY = re.compile(r"^\d+(?:\.\d+)?(us|ms|s)$")
+# The NFQUEUE number of the delay rule; each shaped launch has a namespace (and so a queue 0) of its own.
+_DELAY_QUEUE = 0
 # The loopback device sends frames up to 64 KiB; a token bucket must hold at least one.
 _LOOPBACK_MTU = 65536
 
@@ -61,44 +65,67 @@ def bandwidth_bits_per_second(rate: str) -> float:
 
 
 def shaping_commands(bandwidth: str | None, latency: str | None) -> list[list[str]]:
-    """The `tc` commands that shape `lo`: tbf for a bandwidth alone, netem when a latency is asked for.
+    """The commands that shape `lo`: a tbf rate limit for a bandwidth, an NFQUEUE rule for a latency.
 
-    Each packet crosses `lo` once, so a latency of d gives a round trip of 2d.
+    The rule hands every packet to `launch.packet_delay`, which holds it for the latency (the kernels we run on
+    have no netem). Each packet crosses `lo` once, so a latency of d gives a round trip of 2d.
     """
-    if latency is not None and not _DELAY.match(latency):
-        raise ValueError(f"--latency {latency!r} is not a delay like 500us, 5ms or 0.1s")
-    qdisc = ["tc", "qdisc", "add", "dev", "lo", "root"]
-    if latency is None:
+    commands = []
+    if latency is not None:
+        packet_delay.delay_seconds(latency)
+        commands.append(["iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-o", "lo", "-j", "NFQUEUE",
+                         "--queue-num", str(_DELAY_QUEUE)])
+    if bandwidth is not None:
         bytes_per_second = bandwidth_bits_per_second(bandwidth) / 8
         # A burst of ~2 ms of traffic (at least two frames) keeps the rate exact without starving one flow; the
         # queue holds 0.5 s so that TCP sees delay rather than drops.
         burst = max(2 * _LOOPBACK_MTU, int(bytes_per_second * 0.002))
         limit = max(4 * burst, int(bytes_per_second * 0.5))
-        return [[*qdisc, "tbf", "rate", bandwidth, "burst", str(burst), "limit", str(limit)]]
-    netem = [*qdisc, "netem", "delay", latency, "limit", "100000"]
-    if bandwidth is not None:
-        bandwidth_bits_per_second(bandwidth)
-        netem += ["rate", bandwidth]
-    return [netem]
+        commands.append(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", bandwidth, "burst", str(burst),
+                         "limit", str(limit)])
+    return commands
 
 
-def _check_rights(need_netem: bool) -> None:
+def _check_rights(need_delay: bool) -> None:
     if os.geteuid() != 0:
-        raise SystemExit("--bandwidth/--latency need root: they create a network namespace and shape it with tc.")
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+        raise SystemExit("--bandwidth/--latency need root: they create a network namespace and shape it.")
+    tools = {"ip": "iproute2", "tc": "iproute2", **({"iptables-legacy": "iptables"} if need_delay else {})}
+    missing = sorted({package for tool, package in tools.items() if shutil.which(tool) is None})
     if missing:
-        raise SystemExit(f"--bandwidth/--latency need {' and '.join(missing)}; install them with: apt-get install iproute2")
-    if need_netem and not os.path.exists("/sys/module/sch_netem") and subprocess.run(
-        ["modprobe", "sch_netem"], capture_output=True
-    ).returncode:
-        raise SystemExit("--latency needs the netem queueing discipline (sch_netem), which this kernel does not offer.")
+        raise SystemExit(f"--bandwidth/--latency need the tools of {' and '.join(missing)}; install them with: "
+                         f"apt-get install {' '.join(missing)}")
 
 
 @contextlib.contextmanager
-def shaped_namespace(bandwidth: str | None, latency: str | None) -> Iterator[list[str]]:
-    """A network namespace with a shaped loopback, removed on exit; yields the command prefix that enters it."""
+def _packet_delay(enter: list[str], latency: str) -> Iterator[subprocess.Popen]:
+    """`launch.packet_delay` running in the namespace, bound to its queue before any traffic; stopped on exit."""
+    delayer = subprocess.Popen(
+        [*enter, sys.executable, packet_delay.__file__, "--delay", latency, "--queue", str(_DELAY_QUEUE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        first_line = delayer.stdout.readline()
+        if first_line.strip() != "ready":
+            delayer.wait(timeout=10)
+            raise SystemExit(f"--latency: the packet delayer did not start: {first_line}{delayer.stdout.read()}")
+        yield delayer
+    finally:
+        if delayer.poll() is None:
+            delayer.terminate()
+            delayer.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def shaped_namespace(bandwidth: str | None, latency: str | None) -> Iterator[tuple[list[str], list[subprocess.Popen]]]:
+    """A network namespace with a shaped loopback, removed on exit.
+
+    Yields the command prefix that enters it and the helper processes the shaping needs (the packet delayer),
+    which must outlive the children.
+    """
     commands = shaping_commands(bandwidth, latency)
-    _check_rights(need_netem=latency is not None)
+    _check_rights(need_delay=latency is not None)
     name = f"metastone-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
@@ -106,7 +133,11 @@ def shaped_namespace(bandwidth: str | None, latency: str | None) -> Iterator[lis
         subprocess.run([*enter, "ip", "link", "set", "lo", "up"], check=True)
         for command in commands:
             subprocess.run([*enter, *command], check=True)
-        yield enter
+        if latency is None:
+            yield enter, []
+        else:
+            with _packet_delay(enter, latency) as delayer:
+                yield enter, [delayer]
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
 
@@ -151,8 +182,13 @@ def _relay(rank: int, stream, lock: threading.Lock) -> None:
             sys.stdout.flush()
 
 
-def run_children(program: list[str], num_processes: int, prefix: list[str], port: int) -> int:
-    """Runs the children, relays their output, returns 0 or the first failing child's exit code."""
+def run_children(
+    program: list[str], num_processes: int, prefix: list[str], port: int, helpers: list[subprocess.Popen] = ()
+) -> int:
+    """Runs the children, relays their output, returns 0 or the first failing child's exit code.
+
+    A helper the children's traffic depends on (the packet delayer) that exits stops the launch too.
+    """
     children, relays, lock = [], [], threading.Lock()
     try:
         for rank in range(num_processes):
@@ -166,7 +202,7 @@ def run_children(program: list[str], num_processes: int, prefix: list[str], port
             children.append(child)
             relays.append(threading.Thread(target=_relay, args=(rank, child.stdout, lock), daemon=True))
             relays[-1].start()
-        return _wait_for_all(children)
+        return _wait_for_all(children, helpers)
     finally:
         for child in children:
             if child.poll() is None:
@@ -176,10 +212,15 @@ def run_children(program: list[str], num_processes: int, prefix: list[str], port
             relay.join(timeout=5)
 
 
-def _wait_for_all(children: list[subprocess.Popen]) -> int:
+def _wait_for_all(children: list[subprocess.Popen], helpers: list[subprocess.Popen] = ()) -> int:
     """Waits until every child exits; the first failure stops the rest (they would wait for it forever)."""
     running = list(range(len(children)))
     while running:
+        for helper in helpers:
+            if helper.poll() is not None:
+                print(f"local_cluster: {' '.join(helper.args[-5:])} exited with code {helper.returncode}: "
+                      f"{helper.stdout.read().strip()}; stopping the processes", file=sys.stderr)
+                return 1
         for rank in list(running):
             try:
                 code = children[rank].wait(timeout=0.2)
@@ -200,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.local_cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-processes", type=int, required=True, help="how many JAX processes to start")
     parser.add_argument("--bandwidth", help="emulated link rate, e.g. 1gbit or 100mbit (needs root)")
-    parser.add_argument("--latency", help="emulated one-way delay, e.g. 5ms (needs root and netem)")
+    parser.add_argument("--latency", help="emulated one-way delay per packet, e.g. 5ms (needs root and iptables)")
     parser.add_argument("--port", type=int, help="coordinator port on 127.0.0.1 (default: a free one)")
     parser.add_argument("program", nargs=argparse.REMAINDER, help="-- then a module or script.py and its arguments")
     args = parser.parse_args(argv)
@@ -218,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         shaping_commands(args.bandwidth, args.latency)
     except ValueError as error:
         parser.error(str(error))
-    with shaped_namespace(args.bandwidth, args.latency) as prefix:
-        return run_children(program, args.num_processes, prefix, port)
+    with shaped_namespace(args.bandwidth, args.latency) as (prefix, helpers):
+        return run_children(program, args.num_processes, prefix, port, helpers)
 
 
 if __name__ == "__main__":
