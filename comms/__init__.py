@@ -8,6 +8,8 @@ from comms.api import (
     CommAlgorithm,
     add_replica_dim,
     apply_gradients,
+    pmean,
+    psum,
     get,
     register,
     replicate,

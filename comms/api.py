@@ -24,6 +24,7 @@ leading replica dimension sharded over the replica axis, so that algorithms that
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, ClassVar, Hashable
 
 import jax
@@ -33,6 +34,28 @@ import optax
 PyTree = Any
 
 ALGORITHMS: dict[str, type["CommAlgorithm"]] = {}
+
+
+def psum(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
+    """`jax.lax.psum`, written so that it also compiles over axes that hold one replica.
+
+    Inside a shard_map manual over a one-device axis while other mesh axes stay automatic (`mesh.data=1
+    mesh.fsdp=8`), XLA rejects an all-reduce of any non-scalar (jax 0.10.2: "Cross-partition allreduce must be in
+    (partial) manual partitioning mode"). A sum over one replica is its value; a tiled all-gather over that axis
+    returns it unchanged and, unlike the value itself, is typed as the same on every replica, as a psum would be.
+    """
+    names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
+    if math.prod(jax.lax.axis_size(name) for name in names) > 1:
+        return jax.lax.psum(tree, names)
+    return jax.tree.map(lambda x: jax.lax.psum(x, names) if jnp.ndim(x) == 0 else jax.lax.all_gather(
+        x, names, tiled=True), tree)
+
+
+def pmean(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
+    """`jax.lax.pmean` that also compiles over one-replica axes (see `psum`)."""
+    names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
+    size = math.prod(jax.lax.axis_size(name) for name in names)
+    return jax.lax.pmean(tree, names) if size > 1 else psum(tree, names)
 
 
 def register(name: str) -> Callable[[type["CommAlgorithm"]], type["CommAlgorithm"]]:
@@ -67,7 +90,7 @@ class CommAlgorithm:
 
     def reduce_gradients(self, grads: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
         """What the replicas exchange before the optimizer; `step` is the 0-based global step."""
-        return jax.tree.map(lambda g: jax.lax.pmean(g, self.axis_name), grads), state
+        return jax.tree.map(lambda g: pmean(g, self.axis_name), grads), state
 
     def mix_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
         """What the replicas exchange of the parameters the gradients were computed at, before the optimizer."""

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from comms import compress
-from comms.api import CommAlgorithm, PyTree, register
+from comms.api import CommAlgorithm, PyTree, pmean, register
 
 PEER_MODES = ("all", "shift_one", "ring")
 
@@ -79,7 +79,7 @@ class Decentralized(CommAlgorithm):
     def mix_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
         """mix(x_t): the peer average of the parameters the gradient was computed at."""
         if self.peer_mode == "all":
-            return jax.tree.map(lambda x: jax.lax.pmean(x, self.axis_name), params), state
+            return jax.tree.map(lambda x: pmean(x, self.axis_name), params), state
         if self.peer_mode == "ring":
             left, right = _ring_neighbours(params, self.axis_name)
             return jax.tree.map(_ring_average, params, left, right), state

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import jax
 
-from comms.api import CommAlgorithm, PyTree, register
+from comms.api import CommAlgorithm, PyTree, pmean, register
 
 
 @register("local_sgd")
@@ -36,6 +36,6 @@ class LocalSGD(CommAlgorithm):
 
         def average(tree):
             # pmean's result is replica-invariant; the cond's other branch is per-replica, so mark it varying.
-            return jax.tree.map(lambda x: jax.lax.pcast(jax.lax.pmean(x, self.axis_name), self.axis_name, to="varying"), tree)
+            return jax.tree.map(lambda x: jax.lax.pcast(pmean(x, self.axis_name), self.axis_name, to="varying"), tree)
 
         return jax.lax.cond((step + 1) % self.period == 0, average, lambda tree: tree, params), state

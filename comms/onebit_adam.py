@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from comms.api import CommAlgorithm, PyTree, register
+from comms.api import CommAlgorithm, PyTree, pmean, register
 from comms.centralized import ErrorFeedback, bytegrad_allreduce, onebit_allreduce, zero_errors
 
 
@@ -89,7 +89,7 @@ class _CompressedAdam(CommAlgorithm):
             )
 
         def warmup(grads, state):
-            grads = jax.tree.map(lambda g: jax.lax.pmean(g, axis_name), grads)
+            grads = jax.tree.map(lambda g: pmean(g, axis_name), grads)
             mu = optax.tree.update_moment(grads, state.mu, b1, 1)
             nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
             return mu, nu, state.exchange

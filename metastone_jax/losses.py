@@ -19,6 +19,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+import comms
+
 # SPEC §6: the +1e-6 keeps a group whose rewards are all equal at advantage 0 instead of 0/0.
 ADVANTAGE_EPS = 1e-6
 SPR_EPS = 1e-5
@@ -134,7 +136,7 @@ def _kept_steps(
     positive, negative = kept & right, kept & ~right
     counts = jnp.stack([positive.sum(), negative.sum()]).astype(jnp.float32)
     if axis_names:
-        counts = jax.lax.psum(counts, tuple(axis_names))
+        counts = comms.psum(counts, tuple(axis_names))
     return positive, negative, counts[0] + 1.0, counts[1] + 1.0
 
 

@@ -171,7 +171,7 @@ def _make_step(module, algorithm, tx, mesh, replica_loss, prepare, required_keys
             algorithm, tx, grads, params, opt_state, comm_state, state.step, phase
         )
         new_state = TrainState(state.step + 1, *map(comms.add_replica_dim, (params, opt_state, comm_state)))
-        return new_state, jax.lax.pmean(metrics, DATA)
+        return new_state, comms.pmean(metrics, DATA)
 
     extra_specs = tuple(P() for _ in extra_shardings)
     num_replicas = mesh.shape[DATA]

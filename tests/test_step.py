@@ -122,14 +122,14 @@ def test_optimizer_moments_are_sharded_like_their_parameters_with_a_replica_axis
     assert adam.count.shape == (2,) and adam.count.sharding.spec == jax.sharding.PartitionSpec("data")
 
 
-def _by_hand_rl_update(params, ref_params, batch, config, tx, seed):
-    """One RL update without shard_map: mean over the 2 replicas' losses, as vmap over the two halves."""
+def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2):
+    """One RL update without shard_map: mean over the replicas' losses, as vmap over their parts of the batch."""
     rewards = batch["rewards"].reshape(-1, config.group_size).astype(np.float64)
     advantages = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + 1e-6)
     positions = np.maximum(np.cumsum(batch["attention_mask"], axis=1) - 1, 0)
     inputs = {**batch, "advantages": advantages.reshape(-1).astype(np.float32), "positions": positions}
-    halves = jax.tree.map(lambda x: jnp.asarray(x).reshape(2, -1, *x.shape[1:]), inputs)
-    keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), r) for r in range(2)])
+    halves = jax.tree.map(lambda x: jnp.asarray(x).reshape(replicas, -1, *x.shape[1:]), inputs)
+    keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), r) for r in range(replicas)])
 
     def replica_loss(p, half, key):
         def forward(variables, **kwargs):
@@ -157,8 +157,13 @@ def _by_hand_rl_update(params, ref_params, batch, config, tx, seed):
     return update(params)
 
 
-def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_full_batch(params, ref_params):
-    mesh = _mesh(2, fsdp=2)
+@pytest.mark.parametrize("replicas, fsdp", [(2, 2), (1, 4)])
+def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_full_batch(
+    params, ref_params, replicas, fsdp
+):
+    # (1, 4): one replica, the model sharded over fsdp; XLA refuses an all-reduce over such a one-device manual
+    # axis, so comms.pmean/psum must skip it.
+    mesh = _mesh(replicas, fsdp=fsdp)
     algorithm = comms.get("pmean")
     # A large eps keeps Adam's first step (≈ lr·sign(g)) smooth in g, so float rounding cannot flip a tiny gradient.
     tx = step.make_optimizer(algorithm, 1e-3, eps=1e-4, head_learning_rate=1e-3)
@@ -167,11 +172,11 @@ def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_fu
     state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
     rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, config, dropout_seed=3)
     state, metrics = rl_step(state, batch, ref_params)
-    want = _by_hand_rl_update(params, ref_params, batch, config, tx, seed=3)
+    want = _by_hand_rl_update(params, ref_params, batch, config, tx, seed=3, replicas=replicas)
     assert float(metrics["kl"]) > 0 and float(metrics["spr_loss"]) > 0
     for got, expected, before in zip(_leaves(state.params), _leaves(want), _leaves(params)):
         assert not np.array_equal(expected, before)
-        for replica in range(2):
+        for replica in range(replicas):
             np.testing.assert_allclose(got[replica], expected, atol=1e-5)
 
 

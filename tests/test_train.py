@@ -107,3 +107,32 @@ def test_killed_run_resumes_with_the_same_metrics(tmp_path):
     got = [{k: v for k, v in m.items() if k not in drop} for m in _metrics(killed)]
     assert [m["step"] for m in got] == list(range(1, 11))
     assert got == expected
+
+
+def test_a_run_continues_from_the_model_a_previous_run_exported(tmp_path):
+    """model.pretrained reads a run's export (config.json, safetensors, score_module.pt, tokenizer.json) back whole."""
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    short = TINY + ["mesh.data=1", "sft.steps=3", "rl.steps=1", "eval.questions=0"]
+    first = Trainer(load_config(None, short + [f"run_dir={first_dir}"]), first_dir)
+    first.run()
+    # The architecture comes from config.json: the overrides of the tiny shape are dropped on purpose.
+    second_config = load_config(None, [
+        *[o for o in short if not o.startswith("model.architecture")], f"model.pretrained={first_dir / 'model'}",
+        f"run_dir={second_dir}",
+    ])
+    assert second_config.model.qwen2_config().hidden_size == 32
+    second = Trainer(second_config, second_dir)
+    assert second.tokenizer.vocab_size == first.tokenizer.vocab_size
+    exported = jax.tree.map(lambda p: np.asarray(p)[0], first.state.params)  # replica 0 of the final state
+    loaded = jax.tree.map(np.asarray, second.initial_params())
+    assert jax.tree.structure(loaded) == jax.tree.structure(exported)
+    for path, want in jax.tree_util.tree_leaves_with_path(exported):
+        np.testing.assert_array_equal(loaded_leaf(loaded, path), want, err_msg=jax.tree_util.keystr(path))
+    second.run()
+    assert [m["phase"] for m in _metrics(second_dir)] == ["sft"] * 3 + ["rl"]
+
+
+def loaded_leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
