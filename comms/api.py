@@ -42,13 +42,13 @@ def psum(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
     Inside a shard_map manual over a one-device axis while other mesh axes stay automatic (`mesh.data=1
     mesh.fsdp=8`), XLA rejects an all-reduce of any non-scalar (jax 0.10.2: "Cross-partition allreduce must be in
     (partial) manual partitioning mode"). A sum over one replica is its value; a tiled all-gather over that axis
-    returns it unchanged and, unlike the value itself, is typed as the same on every replica, as a psum would be.
+    returns it unchanged, and with `to="invarying"` it is typed as the same on every replica, as a psum's result.
     """
     names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
     if math.prod(jax.lax.axis_size(name) for name in names) > 1:
         return jax.lax.psum(tree, names)
     return jax.tree.map(lambda x: jax.lax.psum(x, names) if jnp.ndim(x) == 0 else jax.lax.all_gather(
-        x, names, tiled=True), tree)
+        x, names, tiled=True, to="invarying"), tree)
 
 
 def pmean(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
