@@ -17,6 +17,10 @@ Choices at and after the freeze, where the references differ:
   the learning rate); BAGUA's QAdam accepts but ignores it. It is skipped entirely when 0, so the warm-up
   equals `optax.adam` bit for bit.
 - Error buffers start at zero at the freeze (DeepSpeed allocates them then) and persist afterwards.
+- Entries whose second moment is still zero at the freeze (no gradient in any warm-up step, e.g. the embedding
+  rows of tokens the warm-up never saw) keep a zero momentum. Their frozen step size is 1/eps, and a compressed
+  momentum is never zero there (every 1-bit entry is +-scale), so they would jump by ~lr * scale / eps. DeepSpeed
+  asks the user for this mask (`exp_avg_mask`); here it is read off the frozen moment.
 
 The two phases are named "warmup" and "compressed" (`phase(update)`); the update takes the phase as an optax extra
 argument (`tx.update(grads, state, params, phase=...)`) and then runs that phase alone. Without it, a `lax.cond`
@@ -97,6 +101,7 @@ class _CompressedAdam(CommAlgorithm):
         def compressed(grads, state):
             mu = optax.tree.update_moment(grads, state.mu, b1, 1)  # local gradient
             mu, exchange = self.exchange_momentum(mu, state.exchange)
+            mu = jax.tree.map(lambda m, v: jnp.where(v > 0, m, jnp.zeros_like(m)), mu, state.nu)
             return mu, state.nu, exchange
 
         phases = {"warmup": warmup, "compressed": compressed}

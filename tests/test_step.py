@@ -281,8 +281,8 @@ def test_one_replica_sharded_over_fsdp_steps_like_one_device(params, name, optio
     results = []
     for fsdp in (1, 4):
         algorithm, mesh = comms.get(name, **options), _mesh(1, fsdp=fsdp)
-        # A large eps: embedding rows the warm-up saw no gradient for keep a zero frozen variance, and 1-bit
-        # momenta are never zero, so with eps 1e-8 those rows step by ~lr * scale / eps.
+        # A large eps: after one warm-up step, entries with a tiny frozen variance step by ~lr * scale / sqrt(v),
+        # which would magnify a 1-bit sign that sharding's rounding flips.
         tx = step.make_optimizer(algorithm, 1e-3, eps=1e-3)
         state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
         train_step = step.make_sft_step(MODULE, algorithm, tx, mesh)

@@ -76,8 +76,8 @@ def numpy_compressed_adam(gradient_steps, warmup_steps, exchange):
             mean = ref.sum_in_order(list(g)) / len(g)
             mu = one_minus_b1 * mean + b1 * mu
             nu = one_minus_b2 * mean * mean + b2 * nu
-        else:
-            mu = exchange(one_minus_b1 * g + b1 * mu)
+        else:  # entries with no warm-up gradient (zero frozen variance) keep a zero momentum
+            mu = np.where(nu > 0, exchange(one_minus_b1 * g + b1 * mu), f32(0))
         count = t + 1
         mu_hat = mu / (1 - b1**count)
         nu_hat = nu / (1 - b2 ** min(count, warmup_steps))  # v and its bias correction freeze together
@@ -141,11 +141,15 @@ EXCHANGES = {"onebit_adam": _numpy_onebit_exchange, "qadam": _numpy_qadam_exchan
 def test_compressed_phase_per_tensor_over_steps_equals_numpy_simulation(name, n):
     warmup, steps = 2, 6
     gradient_steps = random_gradients(n, steps, seed=n)
+    for grads in gradient_steps[:warmup]:  # an entry that gets its first gradient only after the freeze
+        grads["kernel"][:, 1, 2] = 0.0
     params = {k: np.zeros((n, *shape), np.float32) for k, shape in SHAPES.items()}
     tx = comms.get(name, warmup_steps=warmup).optimizer(LR, b1=B1, b2=B2, eps=EPS)
     results = run_optimizer(tx, n, gradient_steps, params)
     wants = numpy_compressed_adam(gradient_steps, warmup, EXCHANGES[name](n))
+    frozen_zero = int(np.prod(SHAPES["bias"])) + 1 * SHAPES["kernel"][1] + 2  # kernel[1, 2] in the flat order
     for result, want in zip(results, wants):
+        assert np.all(result[:, frozen_zero] == 0) and np.abs(result).max() < 10 * LR
         for replica in range(n):
             np.testing.assert_allclose(result[replica], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
