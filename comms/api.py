@@ -37,7 +37,7 @@ ALGORITHMS: dict[str, type["CommAlgorithm"]] = {}
 
 
 def psum(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
-    """`jax.lax.psum`, written so that it also compiles over axes that hold one replica.
+    """`jax.lax.psum` inside a shard_map, written so that it also compiles over axes that hold one replica.
 
     Inside a shard_map manual over a one-device axis while other mesh axes stay automatic (`mesh.data=1
     mesh.fsdp=8`), XLA rejects an all-reduce of any non-scalar (jax 0.10.2: "Cross-partition allreduce must be in

@@ -10,11 +10,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Planar bit order: a row of 8*m values packs into m bytes, and bit j (most significant first) of byte i holds
 # value j*m + i, i.e. numpy.packbits over the rows of x.reshape(8, m). Every bit plane is then a contiguous slice,
 # so packing and unpacking are whole-vector shifts that vectorize (8 adjacent values per byte do not, on CPU).
-_BIT_SHIFTS = jnp.arange(7, -1, -1, dtype=jnp.uint8)[:, None]
+_BIT_SHIFTS = np.arange(7, -1, -1, dtype=np.uint8)[:, None]  # NumPy: importing comms must not start a backend
 # MinMaxUInt8 keeps a zero range from dividing by zero (BAGUA's constant).
 _MINMAX_EPS = 1e-7
 _LEVELS = 255.0

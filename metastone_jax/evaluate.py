@@ -26,6 +26,7 @@ from metastone_jax.data import ArithmeticTask, TextTokenizer, extract_answer, is
 from metastone_jax.models.reflective import ReflectiveModel
 from metastone_jax.rollout import encode_prompts, score_trajectories
 from metastone_jax.sampling import SamplingConfig, sample
+from metastone_jax.sharding import to_host
 
 # Held-out problems of the embedded task come from indices far past anything a run trains on.
 EVAL_INDEX_OFFSET = 10**12
@@ -73,16 +74,17 @@ def evaluate_records(
     per_call = max(1, ROWS_PER_CALL // num_samples)
     samples: list[dict[str, Any]] = []
     key = jax.random.key(seed)
-    for start in tqdm(range(0, len(records), per_call), desc="evaluate", unit="batch", dynamic_ncols=True):
+    batches = range(0, len(records), per_call)
+    for start in tqdm(batches, desc="evaluate", unit="batch", dynamic_ncols=True, disable=jax.process_index() > 0):
         chunk = records[start : start + per_call]
         prompt_tokens, prompt_mask = encode_prompts(tokenizer, [r["question"] for r in chunk])
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             out = sample(module, params, prompt_tokens, prompt_mask, jax.random.fold_in(key, start), config=sampling,
                          eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, num_samples=num_samples)
         step_mask, scores = score_trajectories(out, tuple(tokenizer.delimiter_ids), think_ids)
-        sequences, response_mask = np.asarray(out.sequences), np.asarray(out.response_mask)
-        step_mask, step_logits, scores = np.asarray(step_mask), np.asarray(out.step_logits), np.asarray(scores)
-        lengths = np.asarray(out.lengths)
+        sequences, response_mask = to_host(out.sequences), to_host(out.response_mask)
+        step_mask, step_logits, scores = to_host(step_mask), to_host(out.step_logits), to_host(scores)
+        lengths = to_host(out.lengths)
         for row in range(len(sequences)):
             record = chunk[row // num_samples]
             text = tokenizer.decode(sequences[row][response_mask[row]])

@@ -20,7 +20,7 @@ from flax import traverse_util
 from metastone_jax.config import Qwen2Config
 from metastone_jax.models.reflective import Model, ReflectiveModel, param_shardings
 from metastone_jax.safetensors_io import SafetensorsFiles, save_file
-from metastone_jax.sharding import MeshConfig, make_mesh
+from metastone_jax.sharding import MeshConfig, make_mesh, to_host
 
 HEAD_FILES = ("score_module.pt", "score_module.safetensors")
 
@@ -216,14 +216,6 @@ def load_hf(
     return Model(module, traverse_util.unflatten_dict(params, sep="/"), mesh)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def _export_plan(model: Model) -> list[tuple[str, str, int | None, str]]:
     """(HF name, our path, layer index or None, layout) for every tensor of the export."""
     config = model.module.config
@@ -266,7 +258,7 @@ def save_hf(model: Model, path: str | Path, *, max_shard_bytes: int = 4 << 30) -
         out = {}
         for hf_name, ours, layer, layout in entries:
             value = flat[ours] if layer is None else flat[ours][layer]
-            out[hf_name] = _write_layer(_to_host(value), layout)
+            out[hf_name] = _write_layer(to_host(value), layout)
         return out
 
     files = ["model.safetensors"] if len(shards) == 1 else [

@@ -134,10 +134,10 @@ def _kept_steps(
     agrees = jnp.where(right, step_logits > 0, step_logits < 0)
     kept = step_mask.astype(bool) & agrees
     positive, negative = kept & right, kept & ~right
-    counts = jnp.stack([positive.sum(), negative.sum()]).astype(jnp.float32)
-    if axis_names:
-        counts = comms.psum(counts, tuple(axis_names))
-    return positive, negative, counts[0] + 1.0, counts[1] + 1.0
+    pos, neg = positive.sum().astype(jnp.float32), negative.sum().astype(jnp.float32)
+    if axis_names:  # two scalars: comms.psum, unlike jax.lax.psum, compiles over a one-replica `data` axis too
+        pos, neg = comms.psum((pos, neg), tuple(axis_names))
+    return positive, negative, pos + 1.0, neg + 1.0
 
 
 def spr_loss(

@@ -19,9 +19,15 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends metrics to `run_dir/metrics.jsonl` and `run_dir/tensorboard/`; every line is flushed at once."""
+    """Appends metrics to `run_dir/metrics.jsonl` and `run_dir/tensorboard/`; every line is flushed at once.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    `enabled=False` (processes other than the first of a multi-process run) writes nothing.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a")
@@ -33,6 +39,8 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> None:
         """Drops lines of steps > `step` (written after the checkpoint a resumed run starts from)."""
+        if not self.enabled:
+            return
         self._file.close()
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         kept = [line for line in lines if line and json.loads(line).get("step", -1) <= step]
@@ -40,6 +48,8 @@ class MetricsWriter:
         self._file = open(self.path, "a")
 
     def write(self, step: int, metrics: dict[str, Any], phase: str) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, "phase": phase, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -49,6 +59,8 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{phase}/{key}", value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()

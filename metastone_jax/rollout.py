@@ -12,13 +12,14 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import comms
 from metastone_jax.data import TextTokenizer, format_prompt, pad_batch, reward
 from metastone_jax.models.reflective import ReflectiveModel
 from metastone_jax.sampling import SampleOutput, SamplingConfig, sample, trajectory_scores
-from metastone_jax.sharding import logical_rules
+from metastone_jax.sharding import logical_rules, to_device, to_host
 
 DATA = "data"
 LENGTH_BUCKET = 32
@@ -78,9 +79,13 @@ def make_replica_sampler(module: ReflectiveModel, mesh, config: SamplingConfig, 
                 num_samples=group_size,
             )
 
-    return jax.jit(
+    sampler = jax.jit(
         jax.shard_map(per_replica, mesh=mesh, in_specs=(P(DATA), P(DATA), P(DATA), P()), out_specs=P(DATA),
                       axis_names={DATA})
+    )
+    rows = NamedSharding(mesh, P(DATA))
+    return lambda params, prompt_tokens, prompt_mask, key: sampler(
+        params, to_device(prompt_tokens, rows), to_device(prompt_mask, rows), key
     )
 
 
@@ -98,18 +103,18 @@ def collect_rollouts(
     out: SampleOutput = sampler(params, prompt_tokens, prompt_mask, key)
     think_ids = tuple(tokenizer.think_ids) if tokenizer.think_ids else None
     step_mask, scores = score_trajectories(out, tuple(tokenizer.delimiter_ids), think_ids)
-    sequences, response_mask = np.asarray(out.sequences), np.asarray(out.response_mask)
+    sequences, response_mask = to_host(out.sequences), to_host(out.response_mask)
     responses = [tokenizer.decode(seq[m]) for seq, m in zip(sequences, response_mask)]
     rewards = np.array([reward(text, answers[row // group_size]) for row, text in enumerate(responses)], np.float32)
     batch = {
         "tokens": sequences,
-        "attention_mask": np.asarray(out.prompt_mask) | response_mask,
+        "attention_mask": to_host(out.prompt_mask) | response_mask,
         "response_mask": response_mask,
         "rewards": rewards,
         "outcome": rewards,
-        "step_mask": np.asarray(step_mask),
+        "step_mask": to_host(step_mask),
     }
-    return Rollouts(batch, responses, np.asarray(scores), int(np.asarray(out.lengths).sum()))
+    return Rollouts(batch, responses, to_host(scores), int(to_host(out.lengths).sum()))
 
 
 # Delimiter and think ids are static: they select which comparisons the mask is built from.

@@ -11,6 +11,8 @@ import math
 from typing import Sequence
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -99,3 +101,26 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partition
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def to_device(tree, sharding: NamedSharding):
+    """Host arrays (the same on every process) as global arrays in `sharding`; jax.Arrays pass through.
+
+    On one process this is `jax.device_put`; with several, each process places its own shards, which jit needs
+    (it refuses NumPy inputs with a sharding that spans other processes' devices).
+    """
+
+    def place(x):
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a global array on this host, also where other processes hold parts of it."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

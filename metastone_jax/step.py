@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 import comms
 from metastone_jax.losses import RLLossConfig, group_advantages, rl_loss, sft_loss, token_logprobs
 from metastone_jax.models.reflective import ReflectiveModel, init_params, param_shardings
-from metastone_jax.sharding import logical_rules
+from metastone_jax.sharding import logical_rules, to_device
 
 PyTree = Any
 DATA = "data"
@@ -202,7 +202,7 @@ def _make_step(module, algorithm, tx, mesh, replica_loss, prepare, required_keys
         size = batch["tokens"].shape[0]
         if size % num_replicas:
             raise ValueError(f"batch size {size} is not divisible by the {num_replicas} replicas of the `data` axis")
-        return jitted(phase)(state, batch, *extras)
+        return jitted(phase)(state, to_device(batch, batch_sharding), *extras)
 
     return checked
 

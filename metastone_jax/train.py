@@ -48,13 +48,16 @@ def build_tokenizer(config: RunConfig) -> TextTokenizer:
 
 
 def train_dataset(config: RunConfig, batch_size: int):
+    """The global batches of the run. Every process reads all of each batch (one shard): the host-side RL loop
+    (rewards, advantages, metrics) then sees the same rows on every process, and the train steps place each
+    process's rows on its devices (`sharding.to_device`)."""
     task = config.task
     if task.files:
         return file_dataset(
             list(task.files), batch_size, question_field=task.question_field, answer_field=task.answer_field,
-            answer_format=task.answer_format, shuffle_seed=config.seed, num_epochs=None,
+            answer_format=task.answer_format, shuffle_seed=config.seed, num_epochs=None, shard_index=0, shard_count=1,
         )
-    return arithmetic_dataset(task.arithmetic, batch_size)
+    return arithmetic_dataset(task.arithmetic, batch_size, shard_index=0, shard_count=1)
 
 
 class Trainer:
@@ -90,7 +93,9 @@ class Trainer:
             self.algorithm, optax.constant_schedule(rl.learning_rate),
             head_learning_rate=optax.constant_schedule(rl.head_learning_rate),
         )
-        self.writer = MetricsWriter(run_dir)
+        # Every process runs the same loop on the same numbers; the first one writes them down.
+        self.is_lead = jax.process_index() == 0
+        self.writer = MetricsWriter(run_dir, enabled=self.is_lead)
         ckpt = config.checkpoint
         self.checkpointer = Checkpointer(run_dir / "checkpoints", keep=ckpt.keep, every=ckpt.every,
                                          async_save=ckpt.async_save)
@@ -145,7 +150,8 @@ class Trainer:
         rl_step = make_rl_step(self.module, self.algorithm, self.rl_tx, self.mesh, self.loss_config, config.seed)
         sampler = make_replica_sampler(self.module, self.mesh, self.sampling, self.eos_ids, self.tokenizer.pad_id,
                                        config.rl.group_size)
-        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not self.is_lead)
         while step < total_steps:
             started = time.perf_counter()
             if step < config.sft.steps:
@@ -206,8 +212,9 @@ class Trainer:
         sampling = SamplingConfig(config.rl.max_new_tokens, config.rl.temperature, config.rl.top_p)
         result = evaluate_records(self.module, params, self.tokenizer, records, mesh=self.mesh, sampling=sampling,
                                   num_samples=config.eval.samples, modes=config.eval.modes, seed=config.seed)
-        write_outputs(result, self.run_dir)
-        print_table(result)
+        if self.is_lead:
+            write_outputs(result, self.run_dir)
+            print_table(result)
         return result.metrics
 
 
@@ -231,9 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     try:
         config = load_config(args.preset, overrides)
+        if jax.process_count() > 1 and not config.run_dir:
+            raise ConfigError("with several processes give --run-dir (or run_dir=): each would pick its own timestamp")
         run_dir = resolve_run_dir(config)
         print(f"run directory: {run_dir.absolute()}", flush=True)
-        save_config(config, run_dir)
+        if jax.process_index() == 0:
+            save_config(config, run_dir)
         trainer = Trainer(config, run_dir)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -274,7 +274,7 @@ def test_sft_steps_given_the_comm_phase_equal_steps_that_choose_it_at_run_time(p
 
 @pytest.mark.parametrize(
     "name, options",
-    [("onebit_adam", {"warmup_steps": 1}), ("decentralized", {"peer_mode": "all"}), ("local_sgd", {"period": 2})],
+    [("onebit_adam", {"warmup_steps": 1}), ("local_sgd", {"period": 2})],
 )
 def test_one_replica_sharded_over_fsdp_steps_like_one_device(params, name, options):
     """Every collective over a one-device `data` axis must compile next to an automatic fsdp axis (see comms.psum)."""

@@ -112,8 +112,8 @@ def test_killed_run_resumes_with_the_same_metrics(tmp_path):
 def test_a_run_continues_from_the_model_a_previous_run_exported(tmp_path):
     """model.pretrained reads a run's export (config.json, safetensors, score_module.pt, tokenizer.json) back whole."""
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
-    short = TINY + ["mesh.data=1", "sft.steps=3", "rl.steps=1", "eval.questions=0"]
-    first = Trainer(load_config(None, short + [f"run_dir={first_dir}"]), first_dir)
+    short = TINY + ["mesh.data=1", "sft.steps=1", "rl.steps=1", "eval.questions=0"]
+    first = Trainer(load_config(None, short + ["sft.steps=2", "rl.steps=0", f"run_dir={first_dir}"]), first_dir)
     first.run()
     # The architecture comes from config.json: the overrides of the tiny shape are dropped on purpose.
     second_config = load_config(None, [
@@ -129,10 +129,37 @@ def test_a_run_continues_from_the_model_a_previous_run_exported(tmp_path):
     for path, want in jax.tree_util.tree_leaves_with_path(exported):
         np.testing.assert_array_equal(loaded_leaf(loaded, path), want, err_msg=jax.tree_util.keystr(path))
     second.run()
-    assert [m["phase"] for m in _metrics(second_dir)] == ["sft"] * 3 + ["rl"]
+    assert [m["phase"] for m in _metrics(second_dir)] == ["sft", "rl"]
 
 
 def loaded_leaf(tree, path):
     for key in path:
         tree = tree[key.key]
     return tree
+
+
+MULTI_PROCESS_ARGS = TINY + ["mesh.data=2", "sft.steps=2", "rl.steps=1", "checkpoint.every=3"]
+
+
+def test_two_processes_through_the_launcher_train_like_one_process_with_two_devices(tmp_path):
+    """The host-side loop (data, rewards, metrics) runs on every process; only the numbers' placement differs."""
+    repo = Path(__file__).parents[1]
+    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    train = ["metastone_jax.train", *MULTI_PROCESS_ARGS, "--run-dir"]
+    single = subprocess.Popen(
+        [sys.executable, "-m", *train, str(one)], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    launched = subprocess.run(
+        [sys.executable, "-m", "launch.local_cluster", "--num-processes", "2", "--", *train, str(two)], cwd=repo,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=600,
+    )
+    assert single.wait(timeout=600) == 0, single.stdout.read().decode()[-3000:]
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    timings = ("step_s", "tokens_per_s")
+    expected = [{k: v for k, v in m.items() if k not in timings} for m in _metrics(one)]
+    assert [{k: v for k, v in m.items() if k not in timings} for m in _metrics(two)] == expected
+    assert [m["phase"] for m in expected] == ["sft", "sft", "rl"]
+    assert json.loads((two / "eval.json").read_text()) == json.loads((one / "eval.json").read_text())
+    assert (two / "model" / "model.safetensors").read_bytes() == (one / "model" / "model.safetensors").read_bytes()
+    assert (two / "checkpoints" / "3").is_dir()
