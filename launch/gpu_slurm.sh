@@ -17,7 +17,10 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 cd "${SLURM_SUBMIT_DIR:-.}"
+# One run directory for all tasks (on the shared submit directory): checkpoints are written by all of them,
+# metrics and the evaluation by the first.
+RUN_DIR=${RUN_DIR:-runs/slurm-${SLURM_JOB_ID:-$(date +%Y%m%d-%H%M%S)}}
 
 # Every task sees all GPUs of its node; jax picks the one at index SLURM_LOCALID (restricting
 # CUDA_VISIBLE_DEVICES per task, e.g. with --gpus-per-task, would make that index wrong).
-srun --kill-on-bad-exit=1 "${PYTHON}" -m metastone_jax.train --distributed "$@"
+srun --kill-on-bad-exit=1 "${PYTHON}" -m metastone_jax.train --distributed --run-dir "${RUN_DIR}" "$@"

@@ -15,9 +15,12 @@ set -euo pipefail
 PROJECT_FLAG=${PROJECT:+--project=${PROJECT}}
 REPO_DIR=${REPO_DIR:-\$HOME/metastone_jax}
 PYTHON=${PYTHON:-python3}
+# One run directory for every worker, named here once: set RUN_DIR to a path all workers see (an NFS or gcsfuse
+# mount) so that checkpoints are whole; worker 0 writes metrics and the evaluation.
+RUN_DIR=${RUN_DIR:-runs/$(date +%Y%m%d-%H%M%S)}
 
 # printf %q quotes every trainer argument so that it reaches the remote shell unchanged.
 ARGS=$(printf ' %q' "$@")
 
 gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" ${PROJECT_FLAG} --worker=all \
-  --command="cd ${REPO_DIR} && ${PYTHON} -m metastone_jax.train --distributed${ARGS}"
+  --command="cd ${REPO_DIR} && ${PYTHON} -m metastone_jax.train --distributed --run-dir $(printf %q "${RUN_DIR}")${ARGS}"
