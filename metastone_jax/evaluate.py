@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from launch.local_cluster import initialize_from_env
 from metastone_jax import tts
 from metastone_jax.data import ArithmeticTask, TextTokenizer, extract_answer, is_equivalent, load_records
 from metastone_jax.models.reflective import ReflectiveModel
 from metastone_jax.rollout import encode_prompts, score_trajectories
 from metastone_jax.sampling import SamplingConfig, sample
-from metastone_jax.sharding import to_host
+from metastone_jax.sharding import MeshConfig, make_mesh, to_host
 
 # Held-out problems of the embedded task come from indices far past anything a run trains on.
 EVAL_INDEX_OFFSET = 10**12
@@ -209,15 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="output directory (default: <model>/eval)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-host run with jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
     args = parser.parse_args(argv)
+    # Under launch.local_cluster or --distributed every process samples its share; the first one writes.
+    if initialize_from_env() == (0, 1) and args.distributed:
+        jax.distributed.initialize()
     try:
         result, out_dir = _run(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_outputs(result, out_dir)
-    print_table(result)
-    print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'samples.jsonl'} and {out_dir / 'scaling.png'}")
+    if jax.process_index() == 0:
+        write_outputs(result, out_dir)
+        print_table(result)
+        print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'samples.jsonl'} and {out_dir / 'scaling.png'}")
     return 0
 
 
@@ -233,7 +240,8 @@ def _run(args) -> tuple[EvalResult, Path]:
     tokenizer = TextTokenizer.from_file(tokenizer_path)
     modes = {f"k={k}": k for k in args.k} if args.k else {m: tts.MODES[m] for m in (args.mode or tts.MODES)}
     samples = args.samples or max(modes.values())
-    model = load_hf(model_dir, dtype=jnp.dtype(args.dtype))
+    # The model sharded over every device (of every process): fsdp, which a 32B model needs.
+    model = load_hf(model_dir, mesh=make_mesh(MeshConfig()), dtype=jnp.dtype(args.dtype))
     if not model.module.with_head:
         raise FileNotFoundError(f"no SPRM head in {model_dir}: expected score_module.pt (or score_module.safetensors)")
     if args.data:

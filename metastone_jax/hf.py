@@ -210,7 +210,7 @@ def load_hf(
                 [_read_layer(lambda i, n=names[l]: source.read(n, i), layout, heads, index[1:]) for l in layers]
             ).astype(np_dtype)
 
-        return jax.make_array_from_callback(shape, shardings[ours], block)
+        return jax.make_array_from_callback(shape, shardings[ours], block, dtype=np_dtype)
 
     params = {entry[0]: load(*entry) for entry in plan}
     return Model(module, traverse_util.unflatten_dict(params, sep="/"), mesh)

@@ -1,6 +1,10 @@
 """`python -m metastone_jax.evaluate` end to end on a tiny random model, and its messages for bad input."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -75,3 +79,22 @@ def test_compute_per_mode_is_parameters_times_tokens():
     metrics = benchmark_metrics(samples, 4, {"low": 2}, num_params=1000)
     assert metrics["modes"]["low"]["compute"] == 1000 * 2 * 20.0
     assert metrics["sprm@2"] == 1.0 and metrics["pass@1"] == 0.5
+
+
+def test_two_processes_through_the_launcher_evaluate_like_one_process_with_two_devices(model_dir, tmp_path):
+    repo = Path(__file__).parents[1]
+    evaluate = ["metastone_jax.evaluate", str(model_dir), "--questions", "3", "--mode", "low", "--samples", "4",
+                "--max-new-tokens", "8", "--out"]
+    single = subprocess.run(
+        [sys.executable, "-m", *evaluate, str(tmp_path / "one")], cwd=repo, capture_output=True, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    launched = subprocess.run(
+        [sys.executable, "-m", "launch.local_cluster", "--num-processes", "2", "--", *evaluate, str(tmp_path / "two")],
+        cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, capture_output=True, text=True,
+    )
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-2000:]
+    assert "[0] mode" in launched.stdout and "[1] mode" not in launched.stdout  # the first process reports
+    for name in ("eval.json", "samples.jsonl"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
