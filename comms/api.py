@@ -36,6 +36,11 @@ PyTree = Any
 ALGORITHMS: dict[str, type["CommAlgorithm"]] = {}
 
 
+def _axes_and_replicas(axis_names: str | tuple[str, ...]) -> tuple[tuple[str, ...], int]:
+    names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
+    return names, math.prod(jax.lax.axis_size(name) for name in names)
+
+
 def psum(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
     """`jax.lax.psum` inside a shard_map, written so that it also compiles over axes that hold one replica.
 
@@ -44,8 +49,8 @@ def psum(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
     (partial) manual partitioning mode"). A sum over one replica is its value; a tiled all-gather over that axis
     returns it unchanged, and with `to="invarying"` it is typed as the same on every replica, as a psum's result.
     """
-    names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
-    if math.prod(jax.lax.axis_size(name) for name in names) > 1:
+    names, replicas = _axes_and_replicas(axis_names)
+    if replicas > 1:
         return jax.lax.psum(tree, names)
     return jax.tree.map(lambda x: jax.lax.psum(x, names) if jnp.ndim(x) == 0 else jax.lax.all_gather(
         x, names, tiled=True, to="invarying"), tree)
@@ -53,9 +58,8 @@ def psum(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
 
 def pmean(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
     """`jax.lax.pmean` that also compiles over one-replica axes (see `psum`)."""
-    names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
-    size = math.prod(jax.lax.axis_size(name) for name in names)
-    return jax.lax.pmean(tree, names) if size > 1 else psum(tree, names)
+    names, replicas = _axes_and_replicas(axis_names)
+    return jax.lax.pmean(tree, names) if replicas > 1 else psum(tree, names)
 
 
 def register(name: str) -> Callable[[type["CommAlgorithm"]], type["CommAlgorithm"]]:

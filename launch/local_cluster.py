@@ -39,15 +39,19 @@ _DELAY_QUEUE = 0
 _LOOPBACK_MTU = 65536
 
 
-def initialize_from_env() -> tuple[int, int]:
+def initialize_from_env(auto_detect: bool = False) -> tuple[int, int]:
     """Joins the cluster described by the launcher's environment variables; returns (process_id, num_processes).
 
-    Outside a launch (no variables) it does nothing and returns (0, 1).
+    Outside a launch (no variables) it returns (0, 1), or with `auto_detect` (the entry points' --distributed)
+    joins through `jax.distributed.initialize()`, which finds TPU pod and SLURM clusters by itself.
     """
     import jax
 
     if COORDINATOR_ENV not in os.environ:
-        return 0, 1
+        if not auto_detect:
+            return 0, 1
+        jax.distributed.initialize()
+        return jax.process_index(), jax.process_count()
     process_id, num_processes = int(os.environ[PROCESS_ID_ENV]), int(os.environ[NUM_PROCESSES_ENV])
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import selectors
 import socket
 import struct
@@ -89,7 +90,7 @@ def packet_ids(datagram: bytes) -> list[int]:
         if msg_type == _NLMSG_ERROR:
             (error,) = struct.unpack_from("=i", datagram, offset + 16)
             if error:
-                raise OSError(-error, f"netfilter queue refused a request: {socket.errno.errorcode.get(-error, error)}")
+                raise OSError(-error, f"netfilter queue refused a request: {errno.errorcode.get(-error, error)}")
         elif msg_type == (_NFNL_SUBSYS_QUEUE << 8) | _MSG_PACKET:
             position = offset + 20
             while position + 4 <= offset + length:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(sock, args.queue, delay)
     except KeyboardInterrupt:
-        return 0
+        pass
     return 0
 
 

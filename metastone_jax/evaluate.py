@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="join a multi-host run with jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
     args = parser.parse_args(argv)
     # Under launch.local_cluster or --distributed every process samples its share; the first one writes.
-    if initialize_from_env() == (0, 1) and args.distributed:
-        jax.distributed.initialize()
+    initialize_from_env(auto_detect=args.distributed)
     try:
         result, out_dir = _run(args)
     except (FileNotFoundError, ValueError) as e:

@@ -230,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-host run with jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
     args = parser.parse_args(argv)
-    if initialize_from_env() == (0, 1) and args.distributed:
-        jax.distributed.initialize()
+    initialize_from_env(auto_detect=args.distributed)
     if args.preset and "=" in args.preset:
         args.overrides.insert(0, args.preset)
         args.preset = None

@@ -190,3 +190,14 @@ def test_children_get_the_cluster_variables_and_huge_pages_without_losing_other_
     assert local_cluster.child_environment(0, 1, 1, {})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     chosen = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
     assert local_cluster.child_environment(0, 1, 1, chosen)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+
+
+def test_outside_a_launch_only_auto_detect_joins_through_jax_distributed(monkeypatch):
+    import jax
+
+    joined = []
+    monkeypatch.delenv(local_cluster.COORDINATOR_ENV, raising=False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda: joined.append(True))
+    assert local_cluster.initialize_from_env() == (0, 1) and not joined
+    assert local_cluster.initialize_from_env(auto_detect=True) == (jax.process_index(), jax.process_count())
+    assert joined == [True]
