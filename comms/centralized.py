@@ -148,7 +148,9 @@ class ByteGrad(CommAlgorithm):
 class OneBit(CommAlgorithm):
     """DeepSpeed's 1-bit compressed gradient all-reduce with worker and server error feedback, per leaf.
 
-    `init` must run inside the shard_map (it reads the replica count from `axis_name`).
+    For SGD: error feedback corrects what is linear in the gradient, so under Adam (the default `optimizer`) the
+    +-scale coordinates flatten Adam's second moment and training ends well above full precision's loss; use
+    `onebit_adam` with Adam. `init` must run inside the shard_map (it reads the replica count from `axis_name`).
     """
 
     def init(self, params):

@@ -74,10 +74,12 @@ def train(
     per_replica: int = 16,
     noise: float = 0.0,
     static_phases: bool = False,
+    tx: optax.GradientTransformation | None = None,
 ):
     """Trains the MLP; returns (params with the replica dimension, [steps, replicas] local losses).
 
     `static_phases`: compile one step per `algorithm.phase(i)` and pass the phase (else: chosen at run time).
+    `tx` replaces the algorithm's own optimizer, `algorithm.optimizer(learning_rate)`.
 
     `initial_params` (with the replica dimension) lets replicas start apart, e.g. to test consensus.
     `per_replica` examples per replica: more makes the replicas' data sets alike (closer to IID shards).
@@ -89,7 +91,7 @@ def train(
         mesh = replica_mesh(num_replicas, algorithm.axis_name)
     if mesh.size != num_replicas:
         raise ValueError(f"mesh has {mesh.size} devices but num_replicas is {num_replicas}")
-    tx = algorithm.optimizer(learning_rate)
+    tx = algorithm.optimizer(learning_rate) if tx is None else tx
     x, y = regression_data(num_replicas, per_replica=per_replica, seed=seed, noise=noise)
     if initial_params is None:
         initial_params = comms.replicate(init_mlp(jax.random.key(seed)), num_replicas)

@@ -3,6 +3,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -205,17 +206,13 @@ def final_loss(name: str, options: tuple = (), mesh_shape: tuple = (("data", 4),
 
 ONEBIT_GRADIENTS_UNDER_ADAM = pytest.mark.xfail(
     strict=True,
-    reason="1-bit gradients fed to Adam (the default optimizer) end ~2x pmean's loss, per tensor or not. Every "
-    "coordinate of a chunk arrives as +-scale, so Adam's second moment becomes the chunk's mean square and its "
-    "per-coordinate step size is lost; error feedback only corrects what is linear in the gradient (1-bit Adam "
-    "paper, section 3). A contractive L1 scale does not help either (measured). Under momentum SGD (0.9) it matches "
-    "pmean only at a learning rate too small for either to reach the floor (lr 1e-2: 0.1786 vs 0.1779 after 1000 "
-    "steps); at lr 0.1, where pmean reaches 0.093, the L2 scale (>= mean |x|, not contractive) makes it diverge "
-    "(measured). This is why DeepSpeed compresses Adam's momentum with a frozen second moment instead (onebit_adam, "
-    "which passes)",
+    reason="1-bit gradients fed to Adam end ~2x pmean's loss at every learning rate (0.196-0.218 vs 0.088-0.091 "
+    "for lr 3e-3..3e-2), per tensor or not, with a cosine schedule or not. Every coordinate of a chunk arrives as "
+    "+-scale, so Adam's second moment becomes the chunk's mean square and its per-coordinate step size is lost; "
+    "error feedback only corrects what is linear in the gradient (1-bit Adam paper, section 3). A contractive L1 "
+    "scale does not help either (measured). 1-bit gradients are for SGD (test below); for Adam, DeepSpeed "
+    "compresses the momentum with a frozen second moment instead (onebit_adam, which passes)",
 )
-
-
 @pytest.mark.parametrize(
     "name,options,mesh_shape",
     [
@@ -230,3 +227,38 @@ ONEBIT_GRADIENTS_UNDER_ADAM = pytest.mark.xfail(
 )
 def test_final_loss_within_5_percent_of_pmean(name, options, mesh_shape):
     assert final_loss(name, options, mesh_shape) <= 1.05 * final_loss("pmean")
+
+
+# 1-bit gradients under the optimizer error feedback is proven for: SGD (Stich et al. 2018, Karimireddy et al.
+# 2019). The updates applied so far sum to the true gradients minus the current, bounded errors, which carries over
+# to any optimizer linear in its gradients and not to Adam (above). Plain SGD with a cosine decay does not reach
+# Adam's floor on this ill-conditioned problem in 2000 steps, so each run is compared with pmean under the same
+# recipe, both at their best learning rate on one grid: the top of pmean's stable range (it diverges at 0.7; on the
+# measured grid 0.2-0.5 its best is 0.4). With momentum 0.9, 1-bit gradients keep up only at small learning rates
+# (3000 steps, lr 0.02: 0.163 vs 0.155; lr 0.07: 0.29 vs 0.12, measured): error feedback delays part of every
+# gradient, and heavy momentum amplifies the delay.
+SGD_CONVERGENCE = dict(num_steps=2000, per_replica=2048, noise=0.3)
+SGD_LEARNING_RATES = (0.3, 0.4, 0.5)
+
+
+@functools.cache
+def best_final_loss_under_sgd(name: str, options: tuple = (), mesh_shape: tuple = (("data", 4),)) -> float:
+    mesh = make_mesh(dict(mesh_shape))
+    losses = []
+    for learning_rate in SGD_LEARNING_RATES:
+        tx = optax.sgd(optax.cosine_decay_schedule(learning_rate, SGD_CONVERGENCE["num_steps"]))
+        algorithm = comms.get(name, **dict(options))
+        _, run = harness.train(algorithm, num_replicas=mesh.size, mesh=mesh, tx=tx, **SGD_CONVERGENCE)
+        losses.append(run[-5:].mean())
+    return float(np.nanmin(losses))
+
+
+@pytest.mark.parametrize(
+    "name,options,mesh_shape",
+    [
+        ("onebit", (), (("data", 4),)),
+        ("hierarchical", (("compression", "onebit"),), (("data", 2), ("fast", 2))),
+    ],
+)
+def test_onebit_gradients_under_sgd_final_loss_within_5_percent_of_pmean(name, options, mesh_shape):
+    assert best_final_loss_under_sgd(name, options, mesh_shape) <= 1.05 * best_final_loss_under_sgd("pmean")
