@@ -127,6 +127,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- the run
 
     def run(self) -> dict:
+        """Trains (resuming from the latest checkpoint), then exports and evaluates; returns the eval metrics.
+        The final state stays in `self.state`."""
+        try:
+            self.state = self._train()
+        finally:
+            self.checkpointer.close()  # waits for a pending save, also when training stops with an error
+        return self.final_evaluation(self.state)
+
+    def _train(self) -> TrainState:
         config = self.config
         params = self.initial_params()
         # The state of either phase has the same layout; `ref_params` is the frozen policy GRPO's KL refers to.
@@ -190,9 +199,7 @@ class Trainer:
                 extra={"phase": phase}, force=step == total_steps,
             )
         progress.close()
-        self.checkpointer.wait()
-        self.state = state
-        return self.final_evaluation(state)
+        return state
 
     def final_evaluation(self, state: TrainState) -> dict:
         """Exports the trained model (run_dir/model, Hugging Face format + tokenizer) and evaluates it."""
@@ -222,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m metastone_jax.train",
         description="SFT warm-start, then GRPO + SPR loss, then test-time-scaling evaluation.",
-        epilog="Example: python -m metastone_jax.train tiny rl.steps=50 comm.algorithm=onebit mesh.data=2",
+        epilog="Example: python -m metastone_jax.train tiny rl.steps=50 comm.algorithm=onebit_adam mesh.data=2",
     )
     parser.add_argument("preset", nargs="?", help="a preset in configs/ (e.g. tiny, qwen2_1.5b) or a .yaml path")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.steps=10")

@@ -55,7 +55,8 @@ def test_restore_returns_the_saved_state_typed_rng_key_data_state_and_extra(tmp_
     with Checkpointer(tmp_path, keep=2, every=1) as checkpointer:
         assert checkpointer.maybe_save(3, state, {"next_index": 17}, {"config": "tiny", "tokens": [1, 2]})
         checkpointer.wait()
-    restored = Checkpointer(tmp_path).restore_latest(_replicated_abstract(state))
+    with Checkpointer(tmp_path) as reader:
+        restored = reader.restore_latest(_replicated_abstract(state))
     assert restored.step == 3
     assert restored.data_state == {"next_index": 17}
     assert restored.extra == {"config": "tiny", "tokens": [1, 2]}
@@ -84,12 +85,14 @@ def test_restore_onto_a_different_mesh_gives_the_same_values_with_the_new_shardi
         "keys": NamedSharding(data2_fsdp4, P("data")),
     }
     abstract = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=targets[name]) for name, x in state.items()}
-    restored = Checkpointer(tmp_path).restore_latest(abstract)
+    with Checkpointer(tmp_path) as reader:
+        restored = reader.restore_latest(abstract)
     _assert_equal(restored.state, expected)
     for name, target in targets.items():
         assert restored.state[name].sharding.is_equivalent_to(target, restored.state[name].ndim)
 
-    replicated = Checkpointer(tmp_path).restore_latest(_replicated_abstract(state))
+    with Checkpointer(tmp_path) as reader:
+        replicated = reader.restore_latest(_replicated_abstract(state))
     _assert_equal(replicated.state, expected)
     assert replicated.state["w"].sharding.is_fully_replicated
 
@@ -138,7 +141,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_step_with_a_warnin
             checkpointer.maybe_save(step, _state(step), {"next_index": step})
     damage(tmp_path / "2")
     with pytest.warns(UserWarning, match=r"(?s)checkpoint step 2 .* falling back to step 1"):
-        restored = Checkpointer(tmp_path).restore_latest(_replicated_abstract(_state(0)))
+        with Checkpointer(tmp_path) as reader:
+            restored = reader.restore_latest(_replicated_abstract(_state(0)))
     assert restored.step == 1
     assert restored.data_state == {"next_index": 1}
     _assert_equal(restored.state, _host(_state(1)))
@@ -159,12 +163,14 @@ def test_every_checkpoint_damaged_raises_naming_the_directory_and_steps(tmp_path
         _delete_array_metadata(tmp_path / str(step))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(CheckpointError, match=r"(?s)no checkpoint in .* step 2: .* step 1: "):
-            Checkpointer(tmp_path).restore_latest(_replicated_abstract(_state(0)))
+        with Checkpointer(tmp_path) as reader:
+            with pytest.raises(CheckpointError, match=r"(?s)no checkpoint in .* step 2: .* step 1: "):
+                reader.restore_latest(_replicated_abstract(_state(0)))
 
 
 def test_empty_directory_restores_nothing(tmp_path):
-    assert Checkpointer(tmp_path / "fresh").restore_latest(_replicated_abstract(_state(0))) is None
+    with Checkpointer(tmp_path / "fresh") as reader:
+        assert reader.restore_latest(_replicated_abstract(_state(0))) is None
 
 
 def test_async_save_is_complete_after_wait(tmp_path):
@@ -174,7 +180,8 @@ def test_async_save_is_complete_after_wait(tmp_path):
     assert checkpointer.maybe_save(4, state, {"next_index": 4})
     checkpointer.wait()
     # A second manager that shares nothing with the first sees the finished checkpoint.
-    restored = Checkpointer(tmp_path).restore_latest(_replicated_abstract(state))
+    with Checkpointer(tmp_path) as reader:
+        restored = reader.restore_latest(_replicated_abstract(state))
     assert restored.step == 4
     _assert_equal(restored.state, expected)
     checkpointer.close()
