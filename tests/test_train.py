@@ -142,24 +142,35 @@ def loaded_leaf(tree, path):
 MULTI_PROCESS_ARGS = TINY + ["mesh.data=2", "sft.steps=2", "rl.steps=1", "checkpoint.every=3", "eval.questions=0"]
 
 
-def test_two_processes_through_the_launcher_train_like_one_process_with_two_devices(tmp_path):
-    """The host-side loop (data, rewards, metrics) runs on every process; only the numbers' placement differs."""
+def test_two_processes_through_the_launcher_train_and_resume_like_one_process_with_two_devices(tmp_path):
+    """The host-side loop (data, rewards, metrics) runs on every process; only the numbers' placement differs.
+    The two processes stop after step 3; a second launch with one more RL step resumes from that checkpoint."""
     repo = Path(__file__).parents[1]
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
-    train = ["metastone_jax.train", *MULTI_PROCESS_ARGS, "--run-dir"]
+    train = ["metastone_jax.train", *MULTI_PROCESS_ARGS]
     single = subprocess.Popen(
-        [sys.executable, "-m", *train, str(one)], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", *train, "rl.steps=2", "--run-dir", str(one)], cwd=repo, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
     )
-    launched = subprocess.run(
-        [sys.executable, "-m", "launch.local_cluster", "--num-processes", "2", "--", *train, str(two)], cwd=repo,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=600,
-    )
+
+    def launch(*overrides):
+        return subprocess.run(
+            [sys.executable, "-m", "launch.local_cluster", "--num-processes", "2", "--", *train, *overrides,
+             "--run-dir", str(two)],
+            cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, capture_output=True, text=True,
+            timeout=600,
+        )
+
+    first = launch()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (two / "checkpoints" / "3").is_dir()
+    resumed = launch("rl.steps=2")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from the checkpoint of step 3" in resumed.stdout + resumed.stderr
     assert single.wait(timeout=600) == 0, single.stdout.read().decode()[-3000:]
-    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     timings = ("step_s", "tokens_per_s")
     expected = [{k: v for k, v in m.items() if k not in timings} for m in _metrics(one)]
     assert [{k: v for k, v in m.items() if k not in timings} for m in _metrics(two)] == expected
-    assert [m["phase"] for m in expected] == ["sft", "sft", "rl"]
+    assert [m["phase"] for m in expected] == ["sft", "sft", "rl", "rl"]
     assert (two / "model" / "model.safetensors").read_bytes() == (one / "model" / "model.safetensors").read_bytes()
-    assert (two / "checkpoints" / "3").is_dir()
