@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import optax
 from tqdm import tqdm
 
 import comms
+from comms.centralized import OneBit
 from launch.local_cluster import initialize_from_env
 from metastone_jax import tts
 from metastone_jax.checkpoint import Checkpointer
@@ -74,6 +76,13 @@ class Trainer:
             )
         self.mesh = make_mesh(config.mesh)
         self.algorithm = comms.get(config.comm.algorithm, **config.comm.options)
+        if isinstance(self.algorithm, OneBit):
+            warnings.warn(
+                "comm.algorithm=onebit sends 1-bit gradients to AdamW, which then ends well above full precision's "
+                "loss (every coordinate arrives as +-scale, so Adam's per-coordinate step sizes are lost); "
+                "comm.algorithm=onebit_adam compresses Adam's momentum instead and trains like full precision",
+                UserWarning, stacklevel=2,
+            )
         dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
         self.module = ReflectiveModel(
             architecture, True, dtype, param_dtype, config.model.remat, config.model.scan_layers

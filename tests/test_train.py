@@ -109,6 +109,13 @@ def test_killed_run_resumes_with_the_same_metrics(tmp_path):
     assert got == expected
 
 
+def test_onebit_gradients_under_adamw_warn_and_name_onebit_adam(tmp_path):
+    config = load_config(None, TINY + ["mesh.data=2", "comm.algorithm=onebit", f"run_dir={tmp_path}"])
+    with pytest.warns(UserWarning, match="onebit_adam"):
+        trainer = Trainer(config, tmp_path)
+    trainer.checkpointer.close()
+
+
 def test_a_run_continues_from_the_model_a_previous_run_exported(tmp_path):
     """model.pretrained reads a run's export (config.json, safetensors, score_module.pt, tokenizer.json) back whole."""
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
