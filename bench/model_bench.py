@@ -1,15 +1,20 @@
 """Forward and forward+backward tokens/s of our Qwen2 against transformers' on the same config and weights.
 
-    python bench/model_bench.py [--layers 4 --hidden 256 --batch 8 --seq 256 --repeats 7] [--scan-layers] [--json]
+    python bench/model_bench.py [--layers 4 --hidden 256 --batch 8 --seq 256 --repeats 7] [--scan-layers]
+                                [--hugetlb] [--json]
 
 Both run in this process on the CPU in float32; the ratio (ours / transformers) is what BENCHMARKS.md records.
+`--hugetlb` restarts the script with glibc's malloc backing large blocks with huge pages, as `launch.local_cluster`
+runs its processes (both frameworks share the process, so both get it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -21,6 +26,7 @@ import torch
 import transformers
 
 import metastone_jax as ms
+from launch.local_cluster import huge_page_tunables
 
 
 def _timed(fn) -> float:
@@ -51,8 +57,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--scan-layers", action="store_true", help="keep the layer stack scanned (default: unrolled)")
+    parser.add_argument("--hugetlb", action="store_true", help="malloc with huge pages, as the launcher runs processes")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     args = parser.parse_args()
+    tunables = huge_page_tunables(os.environ) if args.hugetlb else os.environ.get("GLIBC_TUNABLES", "")
+    if tunables != os.environ.get("GLIBC_TUNABLES", ""):  # glibc reads it at start-up only
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
 
     config = transformers.Qwen2Config(
         vocab_size=args.vocab,
@@ -113,13 +123,16 @@ def main() -> None:
         )
     if args.json:
         for row in rows:
-            print(json.dumps({**row, **vars(args), "torch_threads": torch.get_num_threads()}))
+            print(json.dumps({**row, **vars(args), "glibc_tunables": tunables, "torch_threads": torch.get_num_threads()}))
         return
     print(
         f"Qwen2 {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, "
         f"batch {args.batch} x seq {args.seq}, float32, CPU, torch threads {torch.get_num_threads()}"
     )
-    print(f"layers {'scanned' if args.scan_layers else 'unrolled'}; ratio = best / best, median = of per-round ratios")
+    print(
+        f"layers {'scanned' if args.scan_layers else 'unrolled'}, GLIBC_TUNABLES={tunables or '(unset)'}; "
+        "ratio = best / best, median = of per-round ratios"
+    )
     print(f"{'pass':<18} {'ours tok/s':>12} {'transformers tok/s':>20} {'ratio':>7} {'median':>7}")
     for row in rows:
         print(

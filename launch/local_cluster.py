@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from launch import packet_delay
 
@@ -153,23 +153,28 @@ def free_port() -> int:
 
 
 def child_environment(rank: int, num_processes: int, port: int, base: dict[str, str]) -> dict[str, str]:
-    """`base` plus the cluster variables, and glibc's malloc asked to back large blocks with huge pages.
-
-    XLA:CPU allocates every output buffer afresh, and glibc maps blocks this large anew each time: with 4 KiB pages
-    a 100 MB buffer costs ~25k page faults. An elementwise op over 25M floats took 49 ms, 15 ms with huge pages
-    (our 2-core machines). A `hugetlb` tunable already in `base` is left alone.
-    """
-    tunables = base.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" not in tunables:
-        tunables = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
+    """`base` plus the cluster variables, and glibc's malloc asked to back large blocks with huge pages."""
     return {
         **base,
         COORDINATOR_ENV: f"127.0.0.1:{port}",
         NUM_PROCESSES_ENV: str(num_processes),
         PROCESS_ID_ENV: str(rank),
         "PYTHONUNBUFFERED": "1",
-        "GLIBC_TUNABLES": tunables,
+        "GLIBC_TUNABLES": huge_page_tunables(base),
     }
+
+
+def huge_page_tunables(env: Mapping[str, str]) -> str:
+    """`env`'s GLIBC_TUNABLES with `glibc.malloc.hugetlb=1` added (a `hugetlb` tunable already there is left alone).
+
+    XLA:CPU allocates every output buffer afresh, and each execution's temporaries as one block; glibc maps blocks
+    this large anew each time, so with 4 KiB pages a 100 MB buffer costs ~25k page faults. An elementwise op over 25M
+    floats took 49 ms, 15 ms with huge pages (our 2-core machines). The variable is read when a process starts.
+    """
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables:
+        tunables = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
+    return tunables
 
 
 def child_command(program: list[str]) -> list[str]:
