@@ -1,11 +1,12 @@
 """Forward and forward+backward tokens/s of our Qwen2 against transformers' on the same config and weights.
 
     python bench/model_bench.py [--layers 4 --hidden 256 --batch 8 --seq 256 --repeats 7] [--scan-layers]
-                                [--hugetlb] [--json]
+                                [--malloc hugetlb|reuse] [--json]
 
 Both run in this process on the CPU in float32; the ratio (ours / transformers) is what BENCHMARKS.md records.
-`--hugetlb` restarts the script with glibc's malloc backing large blocks with huge pages, as `launch.local_cluster`
-runs its processes (both frameworks share the process, so both get it).
+`--malloc` restarts the script with glibc's malloc tuned (both frameworks share the process, so both get it):
+`hugetlb` backs large blocks with huge pages, as `launch.local_cluster` runs its processes; `reuse` keeps freed
+memory in the heap for the next call (no block is mapped afresh, so no page faults in the steady state).
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ import transformers
 
 import metastone_jax as ms
 from launch.local_cluster import huge_page_tunables
+
+
+# XLA:CPU allocates each execution's temporaries as one block; glibc maps a block over 32 MB afresh for every call
+# and each first touch of a page faults (~100k faults per step here). Torch's tensors are smaller and come back from
+# the heap.
+REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+
+
+def _reuse_tunables(env) -> str:
+    tunables = env.get("GLIBC_TUNABLES", "")
+    return tunables if REUSE in tunables else ":".join(filter(None, [tunables, REUSE]))
+
+
+MALLOC = {"hugetlb": huge_page_tunables, "reuse": _reuse_tunables}
 
 
 def _timed(fn) -> float:
@@ -57,10 +72,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--scan-layers", action="store_true", help="keep the layer stack scanned (default: unrolled)")
-    parser.add_argument("--hugetlb", action="store_true", help="malloc with huge pages, as the launcher runs processes")
+    parser.add_argument("--malloc", choices=sorted(MALLOC), help="tune glibc's malloc for the run (default: as inherited)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     args = parser.parse_args()
-    tunables = huge_page_tunables(os.environ) if args.hugetlb else os.environ.get("GLIBC_TUNABLES", "")
+    tunables = MALLOC[args.malloc](os.environ) if args.malloc else os.environ.get("GLIBC_TUNABLES", "")
     if tunables != os.environ.get("GLIBC_TUNABLES", ""):  # glibc reads it at start-up only
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
 
