@@ -134,6 +134,10 @@ def _delete_array_metadata(step_dir):
     (step_dir / "state" / "_METADATA").unlink()
 
 
+# With truncated array files one of orbax's reads fails while others are still in flight on its event loop. Those
+# finish after the failed restore has closed the loop, and asyncio reports "Event loop is closed" as unraisable
+# (seen once in CI, not reproducible at will). The fallback itself is what this test checks.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", [_truncate_array_files, _delete_data_state, _delete_array_metadata])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_step_with_a_warning(tmp_path, damage):
     with Checkpointer(tmp_path, keep=3) as checkpointer:
