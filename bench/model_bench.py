@@ -27,21 +27,18 @@ import torch
 import transformers
 
 import metastone_jax as ms
-from launch.local_cluster import huge_page_tunables
+from launch.local_cluster import glibc_tunables, huge_page_tunables
 
 
 # XLA:CPU allocates each execution's temporaries as one block; glibc maps a block over 32 MB afresh for every call
 # and each first touch of a page faults (~100k faults per step here). Torch's tensors are smaller and come back from
 # the heap.
-REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
-
-
-def _reuse_tunables(env) -> str:
-    tunables = env.get("GLIBC_TUNABLES", "")
-    return tunables if REUSE in tunables else ":".join(filter(None, [tunables, REUSE]))
-
-
-MALLOC = {"hugetlb": huge_page_tunables, "reuse": _reuse_tunables}
+MALLOC = {
+    "hugetlb": huge_page_tunables,
+    "reuse": lambda env: glibc_tunables(
+        env, "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+    ),
+}
 
 
 def _timed(fn) -> float:

@@ -171,10 +171,15 @@ def huge_page_tunables(env: Mapping[str, str]) -> str:
     this large anew each time, so with 4 KiB pages a 100 MB buffer costs ~25k page faults. An elementwise op over 25M
     floats took 49 ms, 15 ms with huge pages (our 2-core machines). The variable is read when a process starts.
     """
+    return glibc_tunables(env, "glibc.malloc.hugetlb=1")
+
+
+def glibc_tunables(env: Mapping[str, str], added: str) -> str:
+    """`env`'s GLIBC_TUNABLES plus each `name=value` of the colon-separated `added` whose name it does not set."""
     tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" not in tunables:
-        tunables = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
-    return tunables
+    present = {item.split("=", 1)[0] for item in tunables.split(":") if item}
+    new = [item for item in added.split(":") if item.split("=", 1)[0] not in present]
+    return ":".join(filter(None, [tunables, *new]))
 
 
 def child_command(program: list[str]) -> list[str]:

@@ -238,10 +238,9 @@ def _prefixes_backward(lengths, length, _, grads):
     for j, (lo, hi) in enumerate(itertools.pairwise((0, *lengths))):
         if hi > lo:
             segments.append(sum(jax.lax.slice_in_dim(g, lo, hi, axis=1) for g in grads[j:]))
-    if lengths[-1] < length:
-        pad = [(0, 0, 0)] * grads[-1].ndim
-        pad[1] = (0, length - lengths[-1], 0)
-        return (jax.lax.pad(jnp.concatenate(segments, axis=1), jnp.zeros((), grads[-1].dtype), pad),)
+    if lengths[-1] < length:  # slots no prefix reads
+        last = grads[-1]
+        segments.append(jnp.zeros((last.shape[0], length - lengths[-1], *last.shape[2:]), last.dtype))
     return (jnp.concatenate(segments, axis=1),)
 
 

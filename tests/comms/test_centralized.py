@@ -213,6 +213,8 @@ ONEBIT_GRADIENTS_UNDER_ADAM = pytest.mark.xfail(
     "scale does not help either (measured). 1-bit gradients are for SGD (test below); for Adam, DeepSpeed "
     "compresses the momentum with a frozen second moment instead (onebit_adam, which passes)",
 )
+
+
 @pytest.mark.parametrize(
     "name,options,mesh_shape",
     [

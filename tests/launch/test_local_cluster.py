@@ -190,6 +190,9 @@ def test_children_get_the_cluster_variables_and_huge_pages_without_losing_other_
     assert local_cluster.child_environment(0, 1, 1, {})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     chosen = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
     assert local_cluster.child_environment(0, 1, 1, chosen)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    merged = local_cluster.glibc_tunables(chosen, "glibc.malloc.mmap_max=0:glibc.malloc.hugetlb=1")
+    assert merged == "glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=0"
+    assert local_cluster.glibc_tunables({"GLIBC_TUNABLES": merged}, "glibc.malloc.mmap_max=0") == merged
 
 
 def test_outside_a_launch_only_auto_detect_joins_through_jax_distributed(monkeypatch):
