@@ -131,7 +131,9 @@ def child(steps: int) -> None:
     import comms
 
     mesh = jax.make_mesh((num_processes,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    params = jax.device_put(comms.replicate(init_model(jax.random.key(0)), num_processes), NamedSharding(mesh, P("data")))
+    params = jax.device_put(
+        comms.replicate(init_model(jax.random.key(0)), num_processes), NamedSharding(mesh, P("data"))
+    )
     rng = np.random.default_rng(process_id)
     local = lambda a: jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), a)  # noqa: E731
     x = local(rng.normal(size=(1, BATCH, WIDTH)).astype(np.float32))
@@ -181,7 +183,17 @@ def run_bandwidth(bandwidth: str, latency: str | None, steps: int) -> list[dict]
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["bandwidth", "latency", "algorithm", "wire MB/step", "ratio", "step s", "speedup", "bound s", "bound speedup"]
+    header = [
+        "bandwidth",
+        "latency",
+        "algorithm",
+        "wire MB/step",
+        "ratio",
+        "step s",
+        "speedup",
+        "bound s",
+        "bound speedup",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:

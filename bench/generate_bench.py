@@ -61,14 +61,21 @@ def build_models(args, directory: str):
     """A random transformers Qwen2 with a random SPRM head saved to `directory`; returns (torch model, our Model)."""
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=args.prompt_length + args.new_tokens, tie_word_embeddings=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=args.prompt_length + args.new_tokens,
+        tie_word_embeddings=False,
     )
     reference = transformers.Qwen2ForCausalLM(config).eval()
     reference.save_pretrained(directory)
     head = torch.nn.Sequential(
-        torch.nn.Linear(args.hidden, 2 * args.hidden), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+        torch.nn.Linear(args.hidden, 2 * args.hidden),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.5),
         torch.nn.Linear(2 * args.hidden, 1),
     )
     torch.save(head.state_dict(), f"{directory}/score_module.pt")
@@ -94,10 +101,20 @@ def main():
 
     def ours(module, params):
         def run():
-            out = sample(module, params, prompts, mask, jax.random.key(0), config=config, eos_ids=(-1,), pad_id=0,
-                         num_samples=args.samples)
+            out = sample(
+                module,
+                params,
+                prompts,
+                mask,
+                jax.random.key(0),
+                config=config,
+                eos_ids=(-1,),
+                pad_id=0,
+                num_samples=args.samples,
+            )
             jax.block_until_ready(out)
             return out
+
         return run
 
     # A separate reward model of the same size: one more full forward over every finished sequence.
@@ -110,9 +127,16 @@ def main():
     def transformers_generate():
         with torch.no_grad():
             reference.generate(
-                torch.from_numpy(prompts).long(), attention_mask=torch.from_numpy(mask).long(), do_sample=True,
-                temperature=args.temperature, top_p=args.top_p, top_k=0, max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens, num_return_sequences=args.samples, pad_token_id=0,
+                torch.from_numpy(prompts).long(),
+                attention_mask=torch.from_numpy(mask).long(),
+                do_sample=True,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=0,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                num_return_sequences=args.samples,
+                pad_token_id=0,
             )
 
     seconds = best_times(
@@ -126,8 +150,11 @@ def main():
     )
     results = {
         "device": jax.devices()[0].device_kind,
-        "settings": {**{k: v for k, v in vars(args).items() if k != "json"}, "rows": rows,
-                     "generated_tokens": generated_tokens},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "json"},
+            "rows": rows,
+            "generated_tokens": generated_tokens,
+        },
         "seconds": seconds,
         "tokens_per_second": {
             name: generated_tokens / seconds[name]
@@ -142,18 +169,24 @@ def main():
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{args.prompts} prompts x {args.samples} samples, prompt {args.prompt_length} + {args.new_tokens} new "
-          f"tokens, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, T={args.temperature}, "
-          f"top_p={args.top_p} on {results['device']}")
+    print(
+        f"{args.prompts} prompts x {args.samples} samples, prompt {args.prompt_length} + {args.new_tokens} new "
+        f"tokens, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, T={args.temperature}, "
+        f"top_p={args.top_p} on {results['device']}"
+    )
     print(f"{'run':<28}{'seconds':>10}{'tokens/s':>12}")
     for name, value in seconds.items():
         rate = results["tokens_per_second"].get(name)
         print(f"{name:<28}{value:>10.4f}{'' if rate is None else f'{rate:>12.0f}'}")
     print(f"ours / transformers speed: {results['speedup_vs_transformers']:.2f}x")
-    print(f"SPRM scoring in the sampler: {100 * results['sprm_overhead']:+.2f}% of generation time "
-          f"(head matmuls: {100 * results['sprm_matmul_fraction']:.2f}% of the backbone's)")
-    print(f"separate reward model (2nd forward): {100 * results['separate_reward_model_overhead']:+.2f}% of "
-          "generation time")
+    print(
+        f"SPRM scoring in the sampler: {100 * results['sprm_overhead']:+.2f}% of generation time "
+        f"(head matmuls: {100 * results['sprm_matmul_fraction']:.2f}% of the backbone's)"
+    )
+    print(
+        f"separate reward model (2nd forward): {100 * results['separate_reward_model_overhead']:+.2f}% of "
+        "generation time"
+    )
 
 
 if __name__ == "__main__":

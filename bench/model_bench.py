@@ -29,7 +29,6 @@ import transformers
 import metastone_jax as ms
 from launch.local_cluster import glibc_tunables, huge_page_tunables
 
-
 # XLA:CPU allocates each execution's temporaries as one block; glibc maps a block over 32 MB afresh for every call
 # and each first touch of a page faults (~100k faults per step here). Torch's tensors are smaller and come back from
 # the heap.
@@ -69,7 +68,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--scan-layers", action="store_true", help="keep the layer stack scanned (default: unrolled)")
-    parser.add_argument("--malloc", choices=sorted(MALLOC), help="tune glibc's malloc for the run (default: as inherited)")
+    parser.add_argument(
+        "--malloc", choices=sorted(MALLOC), help="tune glibc's malloc for the run (default: as inherited)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     args = parser.parse_args()
     tunables = MALLOC[args.malloc](os.environ) if args.malloc else os.environ.get("GLIBC_TUNABLES", "")
@@ -135,7 +136,9 @@ def main() -> None:
         )
     if args.json:
         for row in rows:
-            print(json.dumps({**row, **vars(args), "glibc_tunables": tunables, "torch_threads": torch.get_num_threads()}))
+            print(
+                json.dumps({**row, **vars(args), "glibc_tunables": tunables, "torch_threads": torch.get_num_threads()})
+            )
         return
     print(
         f"Qwen2 {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, "

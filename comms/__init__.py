@@ -1,22 +1,38 @@
 """Relaxed communication for data-parallel training, written as `jax.shard_map` collectives.
 
 Importable on its own: nothing here imports the model code. `comms.get(name, **options)` builds an algorithm.
+Importing the package registers every algorithm (each module registers its own with `comms.api.register`).
 """
 
+from comms import centralized, decentralized, local_sgd, onebit_adam
 from comms.api import (
     ALGORITHMS,
     CommAlgorithm,
     add_replica_dim,
     apply_gradients,
+    get,
     pmean,
     psum,
-    get,
     register,
     replicate,
     strip_replica_dim,
 )
-import comms.decentralized  # noqa: E402,F401  (registers decentralized, low_precision_decentralized)
-import comms.local_sgd  # noqa: E402,F401  (registers local_sgd)
-import comms.centralized  # noqa: E402,F401  (registers bytegrad, onebit, hierarchical)
-import comms.onebit_adam  # noqa: E402,F401  (registers onebit_adam, qadam)
-from comms.wire import wire_bytes  # noqa: E402
+from comms.wire import wire_bytes
+
+__all__ = [
+    "ALGORITHMS",
+    "CommAlgorithm",
+    "add_replica_dim",
+    "apply_gradients",
+    "centralized",
+    "decentralized",
+    "get",
+    "local_sgd",
+    "onebit_adam",
+    "pmean",
+    "psum",
+    "register",
+    "replicate",
+    "strip_replica_dim",
+    "wire_bytes",
+]

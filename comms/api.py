@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ import optax
 
 PyTree = Any
 
-ALGORITHMS: dict[str, type["CommAlgorithm"]] = {}
+ALGORITHMS: dict[str, type[CommAlgorithm]] = {}
 
 
 def _axes_and_replicas(axis_names: str | tuple[str, ...]) -> tuple[tuple[str, ...], int]:
@@ -52,8 +53,12 @@ def psum(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
     names, replicas = _axes_and_replicas(axis_names)
     if replicas > 1:
         return jax.lax.psum(tree, names)
-    return jax.tree.map(lambda x: jax.lax.psum(x, names) if jnp.ndim(x) == 0 else jax.lax.all_gather(
-        x, names, tiled=True, to="invarying"), tree)
+    return jax.tree.map(
+        lambda x: (
+            jax.lax.psum(x, names) if jnp.ndim(x) == 0 else jax.lax.all_gather(x, names, tiled=True, to="invarying")
+        ),
+        tree,
+    )
 
 
 def pmean(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
@@ -62,7 +67,7 @@ def pmean(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
     return jax.lax.pmean(tree, names) if replicas > 1 else psum(tree, names)
 
 
-def register(name: str) -> Callable[[type["CommAlgorithm"]], type["CommAlgorithm"]]:
+def register(name: str) -> Callable[[type[CommAlgorithm]], type[CommAlgorithm]]:
     """Class decorator: makes an algorithm available as `comms.get(name, ...)`."""
 
     def decorate(cls):

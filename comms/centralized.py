@@ -20,7 +20,8 @@ import dataclasses
 import functools
 import itertools
 import operator
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,9 @@ def zero_errors(tree: PyTree, num_replicas: int) -> ErrorFeedback:
     def zeros(x, parts):
         return jnp.zeros((compress.padded_size(x.size, num_replicas * 8) // parts,), x.dtype)
 
-    return ErrorFeedback(jax.tree.map(lambda x: zeros(x, 1), tree), jax.tree.map(lambda x: zeros(x, num_replicas), tree))
+    return ErrorFeedback(
+        jax.tree.map(lambda x: zeros(x, 1), tree), jax.tree.map(lambda x: zeros(x, num_replicas), tree)
+    )
 
 
 def _sum_rows(rows: jax.Array) -> jax.Array:
@@ -197,7 +200,9 @@ class Hierarchical(CommAlgorithm):
     def reduce_gradients(self, grads, state, step):
         fast = jax.lax.axis_size(self.fast_axis_name)
         leaves, treedef = jax.tree.flatten(grads)
-        scatter = functools.partial(jax.lax.psum_scatter, axis_name=self.fast_axis_name, scatter_dimension=0, tiled=True)
+        scatter = functools.partial(
+            jax.lax.psum_scatter, axis_name=self.fast_axis_name, scatter_dimension=0, tiled=True
+        )
         parts = [part[0] / fast for part in _exchange(self._fast_parts(leaves), scatter)]  # [padded / F]
         parts = jax.tree.unflatten(treedef, parts)
         if self.compression == "onebit":

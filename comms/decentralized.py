@@ -71,7 +71,9 @@ class Decentralized(CommAlgorithm):
 
     def __post_init__(self):
         if self.peer_mode not in PEER_MODES:
-            raise ValueError(f"decentralized peer_mode {self.peer_mode!r} is unknown; choose one of: {', '.join(PEER_MODES)}")
+            raise ValueError(
+                f"decentralized peer_mode {self.peer_mode!r} is unknown; choose one of: {', '.join(PEER_MODES)}"
+            )
 
     def reduce_gradients(self, grads: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
         return grads, state
@@ -88,17 +90,18 @@ class Decentralized(CommAlgorithm):
     def _shift_one_average(self, params: PyTree, step: jax.Array) -> PyTree:
         num_replicas = jax.lax.axis_size(self.axis_name)
         if num_replicas % 2:
-            raise ValueError(f"decentralized peer_mode 'shift_one' needs an even number of replicas, got {num_replicas}")
+            raise ValueError(
+                f"decentralized peer_mode 'shift_one' needs an even number of replicas, got {num_replicas}"
+            )
         # The pairing repeats every num_replicas/2 rounds; ppermute needs a static permutation, so build one per
         # round and let the step pick it.
         rounds = num_replicas // 2
-        exchanges = [
-            lambda tree, perm=[(rank, shift_one_peer(rank, r, num_replicas)) for rank in range(num_replicas)]: (
-                jax.lax.ppermute(tree, self.axis_name, perm)
-            )
-            for r in range(rounds)
-        ]
-        peer = jax.lax.switch(step % rounds, exchanges, params)
+
+        def exchange(round_index):
+            perm = [(rank, shift_one_peer(rank, round_index, num_replicas)) for rank in range(num_replicas)]
+            return lambda tree: jax.lax.ppermute(tree, self.axis_name, perm)
+
+        peer = jax.lax.switch(step % rounds, [exchange(r) for r in range(rounds)], params)
         # x + peer is the same float on both members of a pair, so the pair stays bit-identical.
         return jax.tree.map(lambda x, p: (x + p) / 2, params, peer)
 
@@ -136,7 +139,7 @@ class LowPrecisionDecentralized(CommAlgorithm):
         """One ring exchange of compressed differences after the optimizer step."""
         third = 1.0 / 3.0
         diff = jax.tree.map(
-            lambda x, l, r, w: x + l * third + r * third + w * (-5.0 / 3.0),
+            lambda x, left, right, own: x + left * third + right * third + own * (-5.0 / 3.0),
             params,
             state["left"],
             state["right"],
@@ -152,4 +155,3 @@ class LowPrecisionDecentralized(CommAlgorithm):
         right = jax.tree.map(jnp.add, state["right"], decoded(from_right))
         params = jax.tree.map(jnp.add, decoded(compressed), state["own"])
         return params, {"own": params, "left": left, "right": right}
-

@@ -26,7 +26,9 @@ class LocalSGD(CommAlgorithm):
 
     def __post_init__(self):
         if not isinstance(self.period, int) or self.period < 1:
-            raise ValueError(f"local_sgd period must be a positive integer (steps between averagings), got {self.period!r}")
+            raise ValueError(
+                f"local_sgd period must be a positive integer (steps between averagings), got {self.period!r}"
+            )
 
     def reduce_gradients(self, grads: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
         return grads, state

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 from launch import packet_delay
 
@@ -77,16 +77,44 @@ def shaping_commands(bandwidth: str | None, latency: str | None) -> list[list[st
     commands = []
     if latency is not None:
         packet_delay.delay_seconds(latency)
-        commands.append(["iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-o", "lo", "-j", "NFQUEUE",
-                         "--queue-num", str(_DELAY_QUEUE)])
+        commands.append(
+            [
+                "iptables-legacy",
+                "-t",
+                "mangle",
+                "-A",
+                "OUTPUT",
+                "-o",
+                "lo",
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                str(_DELAY_QUEUE),
+            ]
+        )
     if bandwidth is not None:
         bytes_per_second = bandwidth_bits_per_second(bandwidth) / 8
         # A burst of ~2 ms of traffic (at least two frames) keeps the rate exact without starving one flow; the
         # queue holds 0.5 s so that TCP sees delay rather than drops.
         burst = max(2 * _LOOPBACK_MTU, int(bytes_per_second * 0.002))
         limit = max(4 * burst, int(bytes_per_second * 0.5))
-        commands.append(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", bandwidth, "burst", str(burst),
-                         "limit", str(limit)])
+        commands.append(
+            [
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "root",
+                "tbf",
+                "rate",
+                bandwidth,
+                "burst",
+                str(burst),
+                "limit",
+                str(limit),
+            ]
+        )
     return commands
 
 
@@ -96,8 +124,10 @@ def _check_rights(need_delay: bool) -> None:
     tools = {"ip": "iproute2", "tc": "iproute2", **({"iptables-legacy": "iptables"} if need_delay else {})}
     missing = sorted({package for tool, package in tools.items() if shutil.which(tool) is None})
     if missing:
-        raise SystemExit(f"--bandwidth/--latency need the tools of {' and '.join(missing)}; install them with: "
-                         f"apt-get install {' '.join(missing)}")
+        raise SystemExit(
+            f"--bandwidth/--latency need the tools of {' and '.join(missing)}; install them with: "
+            f"apt-get install {' '.join(missing)}"
+        )
 
 
 @contextlib.contextmanager
@@ -232,8 +262,11 @@ def _wait_for_all(children: list[subprocess.Popen], helpers: list[subprocess.Pop
     while running:
         for helper in helpers:
             if helper.poll() is not None:
-                print(f"local_cluster: {' '.join(helper.args[-5:])} exited with code {helper.returncode}: "
-                      f"{helper.stdout.read().strip()}; stopping the processes", file=sys.stderr)
+                print(
+                    f"local_cluster: {' '.join(helper.args[-5:])} exited with code {helper.returncode}: "
+                    f"{helper.stdout.read().strip()}; stopping the processes",
+                    file=sys.stderr,
+                )
                 return 1
         for rank in list(running):
             try:
@@ -242,7 +275,9 @@ def _wait_for_all(children: list[subprocess.Popen], helpers: list[subprocess.Pop
                 continue
             running.remove(rank)
             if code != 0:
-                print(f"local_cluster: process {rank} failed with exit code {code}; stopping the others", file=sys.stderr)
+                print(
+                    f"local_cluster: process {rank} failed with exit code {code}; stopping the others", file=sys.stderr
+                )
                 return code
     return 0
 

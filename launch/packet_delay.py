@@ -55,8 +55,9 @@ def _attribute(kind: int, payload: bytes) -> bytes:
 def _message(msg_type: int, queue: int, attributes: bytes, flags: int = 0, sequence: int = 0) -> bytes:
     """A netlink message of the queue subsystem: nlmsghdr, nfgenmsg (queue number big-endian), attributes."""
     body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(queue)) + attributes
-    header = struct.pack("=IHHII", 16 + len(body), (_NFNL_SUBSYS_QUEUE << 8) | msg_type, _NLM_F_REQUEST | flags,
-                         sequence, 0)
+    header = struct.pack(
+        "=IHHII", 16 + len(body), (_NFNL_SUBSYS_QUEUE << 8) | msg_type, _NLM_F_REQUEST | flags, sequence, 0
+    )
     return header + body
 
 

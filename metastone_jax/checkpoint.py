@@ -119,7 +119,7 @@ class Checkpointer:
         """Waits for pending saves and releases the manager's threads."""
         self._manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc_info) -> None:

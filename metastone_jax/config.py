@@ -61,7 +61,7 @@ class Qwen2Config:
             raise ValueError("num_hidden_layers must be at least 2: the SPRM reads the input to the last layer")
 
     @classmethod
-    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "Qwen2Config":
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> Qwen2Config:
         """Reads a Hugging Face Qwen2 config, refusing what this implementation would silently get wrong."""
         model_type = raw.get("model_type")
         if model_type != "qwen2":
@@ -73,12 +73,16 @@ class Qwen2Config:
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"{source}: rope scaling {rope_type!r} is not supported; only default rotary embeddings are")
+            raise ValueError(
+                f"{source}: rope scaling {rope_type!r} is not supported; only default rotary embeddings are"
+            )
         if raw.get("use_sliding_window", False):
             raise ValueError(f"{source}: use_sliding_window=true is not supported; only full attention is")
         layer_types = raw.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"{source}: layer_types other than 'full_attention' are not supported: {sorted(set(layer_types))}")
+            raise ValueError(
+                f"{source}: layer_types other than 'full_attention' are not supported: {sorted(set(layer_types))}"
+            )
         head_dim = raw.get("head_dim")
         if head_dim is not None and head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
             raise ValueError(f"{source}: head_dim={head_dim} != hidden_size / num_attention_heads is not supported")
@@ -93,7 +97,7 @@ class Qwen2Config:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "Qwen2Config":
+    def from_json(cls, path: str | Path) -> Qwen2Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")

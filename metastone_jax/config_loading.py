@@ -11,8 +11,9 @@ import difflib
 import time
 import types
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -179,7 +180,8 @@ def _build(cls: type, default: Any, raw: Any, path: tuple, sources: dict[tuple, 
     names = [f.name for f in dataclasses.fields(cls)]
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{_dotted(path)}={raw!r} ({_where(path, sources)}) must be a section with keys: {', '.join(names)}")
+            f"{_dotted(path)}={raw!r} ({_where(path, sources)}) must be a section with keys: {', '.join(names)}"
+        )
     hints = typing.get_type_hints(cls)
     changes = {}
     for key, value in raw.items():
@@ -261,8 +263,9 @@ def _describe(annotation: Any) -> str:
         return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
     if origin is dict:
         return "a mapping of names to values"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null"}.get(annotation, str(annotation))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(
+        annotation, str(annotation)
+    )
 
 
 def _at_least(low, what=None):
@@ -349,6 +352,9 @@ def _validate(config: RunConfig, sources: dict[tuple, str]) -> None:
         if not Path(path).is_file():
             fail(f"task.files.{index}", path, "an existing .jsonl or .parquet file")
     if config.task.files and model.pretrained is None and model.tokenizer is None:
-        fail("task.files", list(config.task.files),
-             "the embedded task's tokenizer only covers arithmetic: with task.files also set model.tokenizer "
-             "or model.pretrained")
+        fail(
+            "task.files",
+            list(config.task.files),
+            "the embedded task's tokenizer only covers arithmetic: with task.files also set model.tokenizer "
+            "or model.pretrained",
+        )

@@ -13,8 +13,9 @@ import contextlib
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +81,17 @@ def evaluate_records(
         chunk = records[start : start + per_call]
         prompt_tokens, prompt_mask = encode_prompts(tokenizer, [r["question"] for r in chunk])
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            out = sample(module, params, prompt_tokens, prompt_mask, jax.random.fold_in(key, start), config=sampling,
-                         eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, num_samples=num_samples)
+            out = sample(
+                module,
+                params,
+                prompt_tokens,
+                prompt_mask,
+                jax.random.fold_in(key, start),
+                config=sampling,
+                eos_ids=(tokenizer.eos_id,),
+                pad_id=tokenizer.pad_id,
+                num_samples=num_samples,
+            )
         step_mask, scores = score_trajectories(out, tuple(tokenizer.delimiter_ids), think_ids)
         sequences, response_mask = to_host(out.sequences), to_host(out.response_mask)
         step_mask, step_logits, scores = to_host(step_mask), to_host(out.step_logits), to_host(scores)
@@ -90,17 +100,19 @@ def evaluate_records(
             record = chunk[row // num_samples]
             text = tokenizer.decode(sequences[row][response_mask[row]])
             answer = extract_answer(text)
-            samples.append({
-                "question_index": start + row // num_samples,
-                "question": record["question"],
-                "reference": record["answer"],
-                "response": text,
-                "answer": answer,
-                "correct": bool(is_equivalent(answer, record["answer"])),
-                "step_scores": (1 / (1 + np.exp(-step_logits[row][step_mask[row]]))).round(6).tolist(),
-                "score": float(scores[row]),
-                "tokens": int(lengths[row]),
-            })
+            samples.append(
+                {
+                    "question_index": start + row // num_samples,
+                    "question": record["question"],
+                    "reference": record["answer"],
+                    "response": text,
+                    "answer": answer,
+                    "correct": bool(is_equivalent(answer, record["answer"])),
+                    "step_scores": (1 / (1 + np.exp(-step_logits[row][step_mask[row]]))).round(6).tolist(),
+                    "score": float(scores[row]),
+                    "tokens": int(lengths[row]),
+                }
+            )
     metrics = benchmark_metrics(samples, num_samples, modes, parameter_count(params))
     return EvalResult(metrics, samples)
 
@@ -177,10 +189,14 @@ def print_table(result: EvalResult) -> None:
     print(f"{'mode':<8} {'k':>3} {'pass@1':>7} {'maj@k':>7} {'sprm@k':>7} {'oracle@k':>8} {'compute':>10}")
     for mode, m in metrics["modes"].items():
         k = m["k"]
-        print(f"{mode:<8} {k:>3} {m['pass@1']:>7.3f} {m[f'maj@{k}']:>7.3f} {m[f'sprm@{k}']:>7.3f} "
-              f"{m[f'oracle@{k}']:>8.3f} {m['compute']:>10.3g}")
-    print(f"SPRM AUROC (trajectory score, right vs wrong): {metrics['auroc']:.3f}   "
-          f"questions {metrics['questions']}, samples {metrics['samples']}")
+        print(
+            f"{mode:<8} {k:>3} {m['pass@1']:>7.3f} {m[f'maj@{k}']:>7.3f} {m[f'sprm@{k}']:>7.3f} "
+            f"{m[f'oracle@{k}']:>8.3f} {m['compute']:>10.3g}"
+        )
+    print(
+        f"SPRM AUROC (trajectory score, right vs wrong): {metrics['auroc']:.3f}   "
+        f"questions {metrics['questions']}, samples {metrics['samples']}"
+    )
 
 
 def embedded_eval_records(task: ArithmeticTask, questions: int) -> list[dict[str, str]]:
@@ -193,14 +209,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m metastone_jax.evaluate",
         description="Test-time scaling with the SPRM: sample n trajectories per question, pick the best of k.",
     )
-    parser.add_argument("model", help="a Hugging Face directory (config.json, safetensors, score_module.pt, "
-                        "tokenizer.json) or a run directory of ours (its exported model/)")
+    parser.add_argument(
+        "model",
+        help="a Hugging Face directory (config.json, safetensors, score_module.pt, "
+        "tokenizer.json) or a run directory of ours (its exported model/)",
+    )
     parser.add_argument("--data", help="a local .jsonl/.parquet benchmark (default: the embedded arithmetic task)")
     parser.add_argument("--question-field", default="question")
     parser.add_argument("--answer-field", default="answer")
     parser.add_argument("--tokenizer", help="tokenizer.json when the model directory has none")
-    parser.add_argument("--mode", action="append", choices=list(tts.MODES),
-                        help="low (k=2), medium (k=8), high (k=32); repeatable; default all three")
+    parser.add_argument(
+        "--mode",
+        action="append",
+        choices=list(tts.MODES),
+        help="low (k=2), medium (k=8), high (k=32); repeatable; default all three",
+    )
     parser.add_argument("--k", type=int, action="append", help="an explicit k instead of the modes; repeatable")
     parser.add_argument("--samples", type=int, help="n samples per question (default: the largest k)")
     parser.add_argument("--questions", type=int, default=64, help="questions to evaluate (default 64)")
@@ -210,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="output directory (default: <model>/eval)")
-    parser.add_argument("--distributed", action="store_true",
-                        help="join a multi-host run with jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host run with jax.distributed.initialize() (TPU pods, SLURM: auto-detected)",
+    )
     args = parser.parse_args(argv)
     # Under launch.local_cluster or --distributed every process samples its share; the first one writes.
     initialize_from_env(auto_detect=args.distributed)
@@ -249,8 +275,17 @@ def _run(args) -> tuple[EvalResult, Path]:
     else:
         records = embedded_eval_records(ArithmeticTask(), args.questions)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p)
-    result = evaluate_records(model.module, model.params, tokenizer, records, sampling=sampling,
-                              num_samples=samples, modes=modes, seed=args.seed, mesh=model.mesh)
+    result = evaluate_records(
+        model.module,
+        model.params,
+        tokenizer,
+        records,
+        sampling=sampling,
+        num_samples=samples,
+        modes=modes,
+        seed=args.seed,
+        mesh=model.mesh,
+    )
     return result, Path(args.out) if args.out else model_dir / "eval"
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -188,14 +189,13 @@ def load_hf(
             if name not in source:
                 raise ValueError(f"{where}: tensor {name!r} is missing")
             if tuple(source.shape(name)) != tuple(expected):
-                raise ValueError(
-                    f"{where}: tensor {name!r} has shape {tuple(source.shape(name))} but the config needs {tuple(expected)}"
-                )
+                shape = tuple(source.shape(name))
+                raise ValueError(f"{where}: tensor {name!r} has shape {shape} but the config needs {tuple(expected)}")
         plan.append((ours, source, names, layout, heads, layered))
     used = {name for entry in plan for name in entry[2]}
     unused = [n for n in weights.names() if n not in used and not n.endswith("rotary_emb.inv_freq")]
     if unused and not (config.tie_word_embeddings and unused == ["lm_head.weight"]):
-        warnings.warn(f"{path}: {len(unused)} tensor(s) not used by Qwen2ForCausalLM, e.g. {unused[:3]}")
+        warnings.warn(f"{path}: {len(unused)} tensor(s) not used by Qwen2ForCausalLM, e.g. {unused[:3]}", stacklevel=2)
 
     def load(ours, source, names, layout, heads, layered):
         shape = shapes[ours]
@@ -207,7 +207,7 @@ def load_hf(
                 return _read_layer(lambda i: source.read(names[0], i), layout, heads, index).astype(np_dtype)
             layers = range(*index[0].indices(shape[0]))
             return np.stack(
-                [_read_layer(lambda i, n=names[l]: source.read(n, i), layout, heads, index[1:]) for l in layers]
+                [_read_layer(lambda i, n=names[layer]: source.read(n, i), layout, heads, index[1:]) for layer in layers]
             ).astype(np_dtype)
 
         return jax.make_array_from_callback(shape, shardings[ours], block, dtype=np_dtype)
@@ -261,9 +261,11 @@ def save_hf(model: Model, path: str | Path, *, max_shard_bytes: int = 4 << 30) -
             out[hf_name] = _write_layer(to_host(value), layout)
         return out
 
-    files = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     if is_writer:
         path.mkdir(parents=True, exist_ok=True)
         config = model.module.config.to_hf_dict(torch_dtype=jnp.dtype(model.module.param_dtype).name)

@@ -7,7 +7,8 @@ Lengths are rounded up to a multiple of `LENGTH_BUCKET` so that a run compiles e
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -80,8 +81,9 @@ def make_replica_sampler(module: ReflectiveModel, mesh, config: SamplingConfig, 
             )
 
     sampler = jax.jit(
-        jax.shard_map(per_replica, mesh=mesh, in_specs=(P(DATA), P(DATA), P(DATA), P()), out_specs=P(DATA),
-                      axis_names={DATA})
+        jax.shard_map(
+            per_replica, mesh=mesh, in_specs=(P(DATA), P(DATA), P(DATA), P()), out_specs=P(DATA), axis_names={DATA}
+        )
     )
     rows = NamedSharding(mesh, P(DATA))
     return lambda params, prompt_tokens, prompt_mask, key: sampler(

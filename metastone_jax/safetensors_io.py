@@ -87,7 +87,11 @@ def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, st
         array = np.ascontiguousarray(array)
         if array.dtype not in NAMES:
             raise ValueError(f"cannot write tensor {name!r} of dtype {array.dtype} to safetensors")
-        header[name] = {"dtype": NAMES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
         arrays.append(array)
     encoded = json.dumps(header, separators=(",", ":")).encode()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -111,12 +112,21 @@ def sample(
         raise ValueError("eos_ids is empty; pass at least one end-of-sequence token id")
     # Flax keeps the rules in a thread-local that jit does not see; passing them as a static argument keys the
     # compilation cache on them.
-    rules = tuple((name, tuple(target) if isinstance(target, list) else target)
-                  for name, target in nn.get_logical_axis_rules())
+    rules = tuple(
+        (name, tuple(target) if isinstance(target, list) else target) for name, target in nn.get_logical_axis_rules()
+    )
     # EOS and pad ids are data, not compile-time constants: another tokenizer does not recompile.
     return _sample(
-        module, params, prompt_tokens, prompt_mask, key,
-        jnp.asarray(eos_ids, jnp.int32), jnp.asarray(pad_id, jnp.int32), config, num_samples, rules,
+        module,
+        params,
+        prompt_tokens,
+        prompt_mask,
+        key,
+        jnp.asarray(eos_ids, jnp.int32),
+        jnp.asarray(pad_id, jnp.int32),
+        config,
+        num_samples,
+        rules,
     )
 
 

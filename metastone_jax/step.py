@@ -12,7 +12,8 @@ clips and steps the actor and the score module separately.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Hashable, NamedTuple
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -41,8 +42,11 @@ class TrainState(NamedTuple):
 
 
 def param_labels(params: PyTree) -> PyTree:
-    """"head" for every leaf under params["sprm"], "policy" for the rest (the labels of `make_optimizer`)."""
-    return {name: jax.tree.map(lambda _: "head" if name == HEAD else "policy", sub) for name, sub in params.items()}
+    """`"head"` for every leaf under params["sprm"], `"policy"` for the rest (the labels of `make_optimizer`)."""
+    return {
+        name: jax.tree.map(lambda _, label=("head" if name == HEAD else "policy"): label, sub)
+        for name, sub in params.items()
+    }
 
 
 def make_optimizer(
@@ -69,7 +73,9 @@ def make_optimizer(
 
     policy = algorithm.optimizer(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     head = algorithm.optimizer(head_learning_rate, b1=0.9, b2=0.999, eps=eps, weight_decay=head_weight_decay)
-    return optax.multi_transform({"policy": clipped(policy, clip_norm), "head": clipped(head, head_clip_norm)}, param_labels)
+    return optax.multi_transform(
+        {"policy": clipped(policy, clip_norm), "head": clipped(head, head_clip_norm)}, param_labels
+    )
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ from metastone_jax.sampling import SamplingConfig
 from metastone_jax.sharding import make_mesh
 from metastone_jax.step import TrainState, init_train_state, make_optimizer, make_rl_step, make_sft_step
 
+
 def build_tokenizer(config: RunConfig) -> TextTokenizer:
     if config.model.tokenizer:
         return TextTokenizer.from_file(config.model.tokenizer)
@@ -56,8 +57,15 @@ def train_dataset(config: RunConfig, batch_size: int):
     task = config.task
     if task.files:
         return file_dataset(
-            list(task.files), batch_size, question_field=task.question_field, answer_field=task.answer_field,
-            answer_format=task.answer_format, shuffle_seed=config.seed, num_epochs=None, shard_index=0, shard_count=1,
+            list(task.files),
+            batch_size,
+            question_field=task.question_field,
+            answer_field=task.answer_field,
+            answer_format=task.answer_format,
+            shuffle_seed=config.seed,
+            num_epochs=None,
+            shard_index=0,
+            shard_count=1,
         )
     return arithmetic_dataset(task.arithmetic, batch_size, shard_index=0, shard_count=1)
 
@@ -81,7 +89,8 @@ class Trainer:
                 "comm.algorithm=onebit sends 1-bit gradients to AdamW, which then ends well above full precision's "
                 "loss (every coordinate arrives as +-scale, so Adam's per-coordinate step sizes are lost); "
                 "comm.algorithm=onebit_adam compresses Adam's momentum instead and trains like full precision",
-                UserWarning, stacklevel=2,
+                UserWarning,
+                stacklevel=2,
             )
         dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
         self.module = ReflectiveModel(
@@ -90,8 +99,12 @@ class Trainer:
         self.param_shardings = param_shardings(self.module, self.mesh)
         rl = config.rl
         self.loss_config = RLLossConfig(
-            group_size=rl.group_size, clip_eps=rl.clip_eps, kl_coef=rl.kl_coef, entropy_coef=rl.entropy_coef,
-            temperature=rl.temperature, sprm_backbone_grad_scale=rl.sprm_backbone_grad_scale,
+            group_size=rl.group_size,
+            clip_eps=rl.clip_eps,
+            kl_coef=rl.kl_coef,
+            entropy_coef=rl.entropy_coef,
+            temperature=rl.temperature,
+            sprm_backbone_grad_scale=rl.sprm_backbone_grad_scale,
         )
         self.sampling = SamplingConfig(rl.max_new_tokens, rl.temperature, rl.top_p)
         self.eos_ids = (self.tokenizer.eos_id,)
@@ -99,15 +112,17 @@ class Trainer:
         sft_schedule = optax.linear_schedule(0.0, config.sft.learning_rate, max(config.sft.warmup_steps, 1))
         self.sft_tx = make_optimizer(self.algorithm, sft_schedule, head_learning_rate=optax.constant_schedule(0.0))
         self.rl_tx = make_optimizer(
-            self.algorithm, optax.constant_schedule(rl.learning_rate),
+            self.algorithm,
+            optax.constant_schedule(rl.learning_rate),
             head_learning_rate=optax.constant_schedule(rl.head_learning_rate),
         )
         # Every process runs the same loop on the same numbers; the first one writes them down.
         self.is_lead = jax.process_index() == 0
         self.writer = MetricsWriter(run_dir, enabled=self.is_lead)
         ckpt = config.checkpoint
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", keep=ckpt.keep, every=ckpt.every,
-                                         async_save=ckpt.async_save)
+        self.checkpointer = Checkpointer(
+            run_dir / "checkpoints", keep=ckpt.keep, every=ckpt.every, async_save=ckpt.async_save
+        )
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -121,8 +136,9 @@ class Trainer:
             return loaded.params
         head = SPRMHead(self.module.config.hidden_size, dtype=self.module.dtype, param_dtype=self.module.param_dtype)
         features = jnp.zeros((1, self.module.config.hidden_size), self.module.dtype)
-        init_head = jax.jit(lambda k: nn.unbox(head.init(k, features)["params"]),
-                            out_shardings=self.param_shardings["sprm"])
+        init_head = jax.jit(
+            lambda k: nn.unbox(head.init(k, features)["params"]), out_shardings=self.param_shardings["sprm"]
+        )
         return {**loaded.params, "sprm": init_head(key)}
 
     def checkpoint_tree(self, state: TrainState, ref_params: Any) -> dict:
@@ -130,7 +146,8 @@ class Trainer:
 
     def abstract_checkpoint(self, state: TrainState, ref_params: Any) -> dict:
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.checkpoint_tree(state, ref_params)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            self.checkpoint_tree(state, ref_params),
         )
 
     # ------------------------------------------------------------------------------------------- the run
@@ -166,10 +183,12 @@ class Trainer:
 
         sft_step = make_sft_step(self.module, self.algorithm, self.sft_tx, self.mesh)
         rl_step = make_rl_step(self.module, self.algorithm, self.rl_tx, self.mesh, self.loss_config, config.seed)
-        sampler = make_replica_sampler(self.module, self.mesh, self.sampling, self.eos_ids, self.tokenizer.pad_id,
-                                       config.rl.group_size)
-        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not self.is_lead)
+        sampler = make_replica_sampler(
+            self.module, self.mesh, self.sampling, self.eos_ids, self.tokenizer.pad_id, config.rl.group_size
+        )
+        progress = tqdm(
+            total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not self.is_lead
+        )
         while step < total_steps:
             started = time.perf_counter()
             if step < config.sft.steps:
@@ -188,8 +207,15 @@ class Trainer:
                     state = state._replace(step=jnp.asarray(step, jnp.int32))
                 samples = next(iterators["rl"])
                 key = jax.random.fold_in(jax.random.key(config.seed), step)
-                rollouts = collect_rollouts(sampler, state.params, self.tokenizer, samples["question"],
-                                            samples["answer"], key, config.rl.group_size)
+                rollouts = collect_rollouts(
+                    sampler,
+                    state.params,
+                    self.tokenizer,
+                    samples["question"],
+                    samples["answer"],
+                    key,
+                    config.rl.group_size,
+                )
                 comm_phase = self.algorithm.phase(step - config.sft.steps)  # the RL optimizer started at sft.steps
                 state, metrics = rl_step(state, rollouts.batch, ref_params, phase=comm_phase)
                 metrics = {k: float(v) for k, v in metrics.items()}
@@ -203,9 +229,11 @@ class Trainer:
             progress.update(1)
             progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "reward", "sprm_auroc")})
             self.checkpointer.maybe_save(
-                step, self.checkpoint_tree(state, ref_params),
+                step,
+                self.checkpoint_tree(state, ref_params),
                 data_state={name: it.get_state() for name, it in iterators.items()},
-                extra={"phase": phase}, force=step == total_steps,
+                extra={"phase": phase},
+                force=step == total_steps,
             )
         progress.close()
         return state
@@ -219,15 +247,28 @@ class Trainer:
         if config.eval.questions == 0:
             return {}
         if config.task.files:
-            records = load_records(config.task.files[0], question_field=config.task.question_field,
-                                   answer_field=config.task.answer_field, answer_format=config.task.answer_format)
+            records = load_records(
+                config.task.files[0],
+                question_field=config.task.question_field,
+                answer_field=config.task.answer_field,
+                answer_format=config.task.answer_format,
+            )
             records = records[: config.eval.questions]
         else:
             records = embedded_eval_records(config.task.arithmetic, config.eval.questions)
         print(f"evaluating on {len(records)} questions x {config.eval.samples} samples", flush=True)
         sampling = SamplingConfig(config.rl.max_new_tokens, config.rl.temperature, config.rl.top_p)
-        result = evaluate_records(self.module, params, self.tokenizer, records, mesh=self.mesh, sampling=sampling,
-                                  num_samples=config.eval.samples, modes=config.eval.modes, seed=config.seed)
+        result = evaluate_records(
+            self.module,
+            params,
+            self.tokenizer,
+            records,
+            mesh=self.mesh,
+            sampling=sampling,
+            num_samples=config.eval.samples,
+            modes=config.eval.modes,
+            seed=config.seed,
+        )
         if self.is_lead:
             write_outputs(result, self.run_dir)
             print_table(result)
@@ -243,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("preset", nargs="?", help="a preset in configs/ (e.g. tiny, qwen2_1.5b) or a .yaml path")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.steps=10")
     parser.add_argument("--run-dir", help="where the run writes (and resumes from); default runs/<timestamp>")
-    parser.add_argument("--distributed", action="store_true",
-                        help="join a multi-host run with jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host run with jax.distributed.initialize() (TPU pods, SLURM: auto-detected)",
+    )
     args = parser.parse_args(argv)
     initialize_from_env(auto_detect=args.distributed)
     if args.preset and "=" in args.preset:

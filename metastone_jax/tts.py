@@ -11,7 +11,7 @@ first. Samples without an answer (None) do not vote; a group where nobody answer
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -164,8 +164,9 @@ def evaluate_benchmark(
     ks = tuple(ks)
     per_question = [evaluate_question(s, c, a, ks) for s, c, a in zip(scores, correct, answers)]
     metrics = {name: float(np.mean([m[name] for m in per_question])) for name in per_question[0] if name != "auroc"}
-    metrics["auroc"] = auroc(np.concatenate([np.asarray(s, float) for s in scores]),
-                             np.concatenate([np.asarray(c, bool) for c in correct]))
+    metrics["auroc"] = auroc(
+        np.concatenate([np.asarray(s, float) for s in scores]), np.concatenate([np.asarray(c, bool) for c in correct])
+    )
     metrics["questions"] = len(per_question)
     metrics["samples"] = int(sum(len(s) for s in scores))
     return metrics

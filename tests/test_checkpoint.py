@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from metastone_jax.checkpoint import CheckpointError, Checkpointer
+from metastone_jax.checkpoint import Checkpointer, CheckpointError
 from metastone_jax.sharding import MeshConfig, make_mesh
 
 

@@ -46,8 +46,13 @@ def test_scale_presets_carry_the_released_shapes_and_hyperparameters(
 ):
     config = load_config(name)
     arch = config.model.architecture
-    assert (arch.hidden_size, arch.num_hidden_layers, arch.num_attention_heads, arch.num_key_value_heads,
-            arch.vocab_size) == (hidden, layers, heads, kv_heads, vocab)
+    assert (
+        arch.hidden_size,
+        arch.num_hidden_layers,
+        arch.num_attention_heads,
+        arch.num_key_value_heads,
+        arch.vocab_size,
+    ) == (hidden, layers, heads, kv_heads, vocab)
     assert (config.rl.learning_rate, config.rl.head_learning_rate) == (lr, head_lr)
     assert (config.rl.prompts_per_step, config.rl.group_size) == (prompts, 8)
     assert config.rl.max_new_tokens == max_new_tokens
@@ -93,8 +98,10 @@ def test_overrides_set_nested_keys_lists_and_mappings_and_keep_the_rest_of_the_p
     # Everything not overridden keeps the preset's value, not the class default.
     assert config.rl.learning_rate == base.rl.learning_rate == 1e-6
     assert config.model.architecture.hidden_size == base.model.architecture.hidden_size == 1536
-    assert dataclasses.replace(config, rl=base.rl, model=base.model, task=base.task, eval=base.eval,
-                               comm=base.comm) == base
+    assert (
+        dataclasses.replace(config, rl=base.rl, model=base.model, task=base.task, eval=base.eval, comm=base.comm)
+        == base
+    )
 
 
 def test_later_override_wins_and_floats_without_a_dot_are_numbers():
@@ -104,8 +111,16 @@ def test_later_override_wins_and_floats_without_a_dot_are_numbers():
 
 
 def test_round_trip_of_an_overridden_config(tmp_path):
-    config = load_config("tiny", ["comm.algorithm=onebit_adam", "comm.options={warmup_steps: 3}", "run_dir=out/x",
-                                  "model.architecture.eos_token_id=[1, 2]", "rl.top_p=0.95"])
+    config = load_config(
+        "tiny",
+        [
+            "comm.algorithm=onebit_adam",
+            "comm.options={warmup_steps: 3}",
+            "run_dir=out/x",
+            "model.architecture.eos_token_id=[1, 2]",
+            "rl.top_p=0.95",
+        ],
+    )
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(config))
     assert load_config(str(path)) == config

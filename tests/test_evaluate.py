@@ -22,8 +22,13 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
     tokenizer = build_arithmetic_tokenizer(ArithmeticTask())
     config = ms.Qwen2Config(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
     )
     module = ms.ReflectiveModel(config)
     ms.save_hf(ms.Model(module, ms.init_params(module, jax.random.key(0))), path)
@@ -33,8 +38,23 @@ def model_dir(tmp_path_factory):
 
 def test_end_to_end_writes_table_jsonl_and_plot(model_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = main([str(model_dir), "--questions", "3", "--mode", "low", "--mode", "medium", "--samples", "8",
-                 "--max-new-tokens", "8", "--out", str(out)])
+    code = main(
+        [
+            str(model_dir),
+            "--questions",
+            "3",
+            "--mode",
+            "low",
+            "--mode",
+            "medium",
+            "--samples",
+            "8",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "sprm@k" in table and "medium" in table and "SPRM AUROC" in table
@@ -74,8 +94,10 @@ def test_tokenizer_without_the_delimiter_is_refused(model_dir, tmp_path, capsys)
 
 
 def test_compute_per_mode_is_parameters_times_tokens():
-    samples = [{"score": s, "correct": c, "answer": a, "tokens": t}
-               for s, c, a, t in [(0.9, True, "1", 10), (0.1, False, "2", 30), (0.5, True, "1", 20), (0.2, False, "3", 20)]]
+    samples = [
+        {"score": s, "correct": c, "answer": a, "tokens": t}
+        for s, c, a, t in [(0.9, True, "1", 10), (0.1, False, "2", 30), (0.5, True, "1", 20), (0.2, False, "3", 20)]
+    ]
     metrics = benchmark_metrics(samples, 4, {"low": 2}, num_params=1000)
     assert metrics["modes"]["low"]["compute"] == 1000 * 2 * 20.0
     assert metrics["sprm@2"] == 1.0 and metrics["pass@1"] == 0.5
@@ -83,15 +105,32 @@ def test_compute_per_mode_is_parameters_times_tokens():
 
 def test_two_processes_through_the_launcher_evaluate_like_one_process_with_two_devices(model_dir, tmp_path):
     repo = Path(__file__).parents[1]
-    evaluate = ["metastone_jax.evaluate", str(model_dir), "--questions", "3", "--mode", "low", "--samples", "4",
-                "--max-new-tokens", "8", "--out"]
+    evaluate = [
+        "metastone_jax.evaluate",
+        str(model_dir),
+        "--questions",
+        "3",
+        "--mode",
+        "low",
+        "--samples",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--out",
+    ]
     single = subprocess.run(
-        [sys.executable, "-m", *evaluate, str(tmp_path / "one")], cwd=repo, capture_output=True, text=True,
+        [sys.executable, "-m", *evaluate, str(tmp_path / "one")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
     )
     launched = subprocess.run(
         [sys.executable, "-m", "launch.local_cluster", "--num-processes", "2", "--", *evaluate, str(tmp_path / "two")],
-        cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, capture_output=True, text=True,
+        cwd=repo,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        capture_output=True,
+        text=True,
     )
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
     assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-2000:]

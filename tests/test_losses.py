@@ -216,8 +216,16 @@ def test_rl_loss_combines_the_terms_with_their_coefficients_at_the_sampling_temp
     outcome = np.array([1, 0, 0, 1], np.float32)
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     total, metrics = losses.rl_loss(
-        f32(logits), f32(step_logits), jnp.asarray(tokens), jnp.asarray(response_mask), f32(advantages),
-        f32(ref_logprobs), jnp.asarray(step_mask), f32(outcome), config, old_logprobs=f32(old_logprobs),
+        f32(logits),
+        f32(step_logits),
+        jnp.asarray(tokens),
+        jnp.asarray(response_mask),
+        f32(advantages),
+        f32(ref_logprobs),
+        jnp.asarray(step_mask),
+        f32(outcome),
+        config,
+        old_logprobs=f32(old_logprobs),
     )
     logprobs = np_token_logprobs(logits / 0.6, tokens)
     mask = response_mask
@@ -240,8 +248,15 @@ def test_on_policy_rl_loss_has_ratio_one_and_gradient_minus_advantage_times_grad
 
     def pg(logits):
         return losses.rl_loss(
-            logits, zeros, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(advantages), zeros,
-            jnp.zeros((B, T), bool), jnp.zeros((B,)), config,
+            logits,
+            zeros,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            jnp.asarray(advantages),
+            zeros,
+            jnp.zeros((B, T), bool),
+            jnp.zeros((B,)),
+            config,
         )
 
     (value, metrics), grad = jax.value_and_grad(pg, has_aux=True)(jnp.asarray(logits))

@@ -19,8 +19,13 @@ from metastone_jax.sharding import LOGICAL_RULES, logical_rules
 from tests.models.hf_fixtures import random_qwen2
 
 CONFIG = Qwen2Config(
-    vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, initializer_range=0.3,
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.3,
 )
 NEW_TOKENS = 7
 PAD = 0
@@ -41,15 +46,24 @@ def left_padded_prompts(lengths, width, seed=0, vocab=50):
     tokens = np.full((len(lengths), width), PAD, np.int32)
     mask = np.zeros((len(lengths), width), bool)
     for row, length in enumerate(lengths):
-        tokens[row, width - length:] = rng.integers(1, vocab, length)
-        mask[row, width - length:] = True
+        tokens[row, width - length :] = rng.integers(1, vocab, length)
+        mask[row, width - length :] = True
     return tokens, mask
 
 
 def sample_prompts(module, params, seed, eos_ids, **options):
     tokens, mask = left_padded_prompts(LENGTHS, WIDTH)
-    return sample(module, params, tokens, mask, jax.random.key(seed), config=SamplingConfig(NEW_TOKENS, **options),
-                  eos_ids=eos_ids, pad_id=PAD, num_samples=2)
+    return sample(
+        module,
+        params,
+        tokens,
+        mask,
+        jax.random.key(seed),
+        config=SamplingConfig(NEW_TOKENS, **options),
+        eos_ids=eos_ids,
+        pad_id=PAD,
+        num_samples=2,
+    )
 
 
 def full_forward(module, params, tokens, valid):
@@ -91,13 +105,13 @@ def naive_greedy(module, params, prompt, new_tokens, eos_ids):
         sequence.append(int(np.argmax(logits[0, len(sequence) - 1])))
         if sequence[-1] in eos_ids:
             break
-    return sequence[len(prompt):]
+    return sequence[len(prompt) :]
 
 
 def test_greedy_equals_naive_full_forward_loop_with_left_padding(model):
     module, params = model
     tokens, _ = left_padded_prompts(LENGTHS, WIDTH)
-    prompts = [tokens[row, WIDTH - length:] for row, length in enumerate(LENGTHS)]
+    prompts = [tokens[row, WIDTH - length :] for row, length in enumerate(LENGTHS)]
     # Two EOS ids: the 3rd greedy token of prompt 0 and the 5th of prompt 2, so that rows stop early.
     eos = (naive_greedy(module, params, prompts[0], 3, ())[2], naive_greedy(module, params, prompts[2], 5, ())[4])
     out = sample_prompts(module, params, 0, eos_ids=eos, temperature=0.0)
@@ -222,8 +236,11 @@ def test_sampling_inside_shard_map_manual_over_data_equals_per_replica_unsharded
         out = sample(module, params, tokens, mask, key, **kwargs)
         return out.sequences, out.step_logits
 
-    replicas = jax.jit(jax.shard_map(per_replica, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()),
-                                     out_specs=P("data"), axis_names={"data"}))
+    replicas = jax.jit(
+        jax.shard_map(
+            per_replica, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()), out_specs=P("data"), axis_names={"data"}
+        )
+    )
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(("data",))):
         sequences, step_logits = replicas(params_on_mesh, tokens, mask, jax.random.key(9))
     for replica in range(2):
@@ -242,8 +259,16 @@ def test_greedy_equals_transformers_generate_on_same_weights(tmp_path):
     new_tokens = 8
 
     def ours(eos_ids):
-        return sample(loaded.module, loaded.params, tokens, mask, jax.random.key(0),
-                      config=SamplingConfig(new_tokens, temperature=0.0), eos_ids=eos_ids, pad_id=PAD)
+        return sample(
+            loaded.module,
+            loaded.params,
+            tokens,
+            mask,
+            jax.random.key(0),
+            config=SamplingConfig(new_tokens, temperature=0.0),
+            eos_ids=eos_ids,
+            pad_id=PAD,
+        )
 
     free = np.asarray(ours(NO_EOS).sequences[:, 7:])
     eos = [int(free[1, 3]), int(free[0, 5])]  # greedy tokens of prompts 1 and 0, so that rows stop early
@@ -251,8 +276,12 @@ def test_greedy_equals_transformers_generate_on_same_weights(tmp_path):
     assert out.step_logits is None  # no score_module.pt: a model without head
     with torch.no_grad():
         generated = reference.generate(
-            torch.from_numpy(tokens).long(), attention_mask=torch.from_numpy(mask).long(), do_sample=False,
-            max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=PAD,
+            torch.from_numpy(tokens).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            eos_token_id=eos,
+            pad_token_id=PAD,
         ).numpy()[:, 7:]
     expected = np.full((3, new_tokens), PAD)
     expected[:, : generated.shape[1]] = generated
@@ -262,16 +291,23 @@ def test_greedy_equals_transformers_generate_on_same_weights(tmp_path):
 
 def test_trajectory_scores_are_geometric_means_over_think_steps():
     delimiter, think_open, think_close, eos = 7, 1, 2, 3
-    sequences = np.array([
-        [9, 9, think_open, 7, 5, 7, 7, 5, 6, 7, think_close, 5, 7, eos],  # steps end after 5 and after 6
-        [9, 9, think_open, 5, 5, 5, think_close, 5, 7, eos, 0, 0, 0, 0],  # no step inside <think>
-    ])
+    sequences = np.array(
+        [
+            [9, 9, think_open, 7, 5, 7, 7, 5, 6, 7, think_close, 5, 7, eos],  # steps end after 5 and after 6
+            [9, 9, think_open, 5, 5, 5, think_close, 5, 7, eos, 0, 0, 0, 0],  # no step inside <think>
+        ]
+    )
     response_mask = np.zeros_like(sequences, bool)
     response_mask[0, 2:] = True
     response_mask[1, 2:10] = True
     logits = np.random.default_rng(0).normal(size=sequences.shape).astype(np.float32)
-    output = SampleOutput(jnp.asarray(sequences), jnp.asarray(~response_mask), jnp.asarray(response_mask),
-                          jnp.asarray(logits), jnp.asarray(response_mask.sum(-1)))
+    output = SampleOutput(
+        jnp.asarray(sequences),
+        jnp.asarray(~response_mask),
+        jnp.asarray(response_mask),
+        jnp.asarray(logits),
+        jnp.asarray(response_mask.sum(-1)),
+    )
     mask, scores = trajectory_scores(output, (delimiter,), (think_open, think_close))
     expected_mask = np.zeros_like(sequences, bool)
     expected_mask[0, [4, 8]] = True  # the delimiter right after <think> and the second of a run do not count

@@ -142,8 +142,16 @@ def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2):
             p, deterministic=False, sprm_backbone_grad_scale=config.sprm_backbone_grad_scale, rngs={"dropout": key}
         )
         return losses.rl_loss(
-            out.logits, out.step_logits, half["tokens"], half["response_mask"], half["advantages"], ref_logprobs,
-            half["step_mask"], half["outcome"], config, axis_names=("data",),
+            out.logits,
+            out.step_logits,
+            half["tokens"],
+            half["response_mask"],
+            half["advantages"],
+            ref_logprobs,
+            half["step_mask"],
+            half["outcome"],
+            config,
+            axis_names=("data",),
         )[0]
 
     def mean_loss(p):

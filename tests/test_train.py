@@ -46,10 +46,19 @@ def _metrics(run_dir: Path) -> list[dict]:
     [("onebit_adam", "{warmup_steps: 4}"), ("decentralized", "{}")],
 )
 def test_trains_with_a_comms_algorithm_on_4_replicas(tmp_path, algorithm, options):
-    config = load_config(None, TINY + [
-        "mesh.data=4", "mesh.fsdp=2", "sft.steps=12", "rl.steps=2", f"comm.algorithm={algorithm}",
-        f"comm.options={options}", f"run_dir={tmp_path}",
-    ])
+    config = load_config(
+        None,
+        TINY
+        + [
+            "mesh.data=4",
+            "mesh.fsdp=2",
+            "sft.steps=12",
+            "rl.steps=2",
+            f"comm.algorithm={algorithm}",
+            f"comm.options={options}",
+            f"run_dir={tmp_path}",
+        ],
+    )
     trainer = Trainer(config, tmp_path)
     trainer.run()
     sft_losses = [m["loss"] for m in _metrics(tmp_path) if m["phase"] == "sft"]
@@ -79,7 +88,10 @@ def _launch(run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     return subprocess.Popen(
         [sys.executable, "-m", "metastone_jax.train", *RESUME_ARGS, "mesh.data=2", "--run-dir", str(run_dir)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).parents[1],
     )
 
 
@@ -123,10 +135,14 @@ def test_a_run_continues_from_the_model_a_previous_run_exported(tmp_path):
     first = Trainer(load_config(None, short + ["sft.steps=2", "rl.steps=0", f"run_dir={first_dir}"]), first_dir)
     first.run()
     # The architecture comes from config.json: the overrides of the tiny shape are dropped on purpose.
-    second_config = load_config(None, [
-        *[o for o in short if not o.startswith("model.architecture")], f"model.pretrained={first_dir / 'model'}",
-        f"run_dir={second_dir}",
-    ])
+    second_config = load_config(
+        None,
+        [
+            *[o for o in short if not o.startswith("model.architecture")],
+            f"model.pretrained={first_dir / 'model'}",
+            f"run_dir={second_dir}",
+        ],
+    )
     assert second_config.model.qwen2_config().hidden_size == 32
     second = Trainer(second_config, second_dir)
     assert second.tokenizer.vocab_size == first.tokenizer.vocab_size
@@ -156,16 +172,31 @@ def test_two_processes_through_the_launcher_train_and_resume_like_one_process_wi
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
     train = ["metastone_jax.train", *MULTI_PROCESS_ARGS]
     single = subprocess.Popen(
-        [sys.executable, "-m", *train, "rl.steps=2", "--run-dir", str(one)], cwd=repo, stdout=subprocess.PIPE,
+        [sys.executable, "-m", *train, "rl.steps=2", "--run-dir", str(one)],
+        cwd=repo,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
     )
 
     def launch(*overrides):
         return subprocess.run(
-            [sys.executable, "-m", "launch.local_cluster", "--num-processes", "2", "--", *train, *overrides,
-             "--run-dir", str(two)],
-            cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "launch.local_cluster",
+                "--num-processes",
+                "2",
+                "--",
+                *train,
+                *overrides,
+                "--run-dir",
+                str(two),
+            ],
+            cwd=repo,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+            capture_output=True,
+            text=True,
             timeout=600,
         )
 

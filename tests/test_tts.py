@@ -25,7 +25,7 @@ def reference_best_of_k(scores, correct, k):
 
 
 def reference_oracle(correct, k):
-    groups = [correct[s:s + k] for s in range(0, len(correct), k)]
+    groups = [correct[s : s + k] for s in range(0, len(correct), k)]
     return sum(any(g) for g in groups) / len(groups)
 
 

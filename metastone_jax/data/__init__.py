@@ -1,13 +1,32 @@
 """Data: the embedded arithmetic task, tokenizers, the answer verifier and grain pipelines."""
 
 from metastone_jax.data.arithmetic import (
-    STEP_DELIMITER, THINK_CLOSE, THINK_OPEN, ArithmeticTask, format_prompt, format_response)
+    STEP_DELIMITER,
+    THINK_CLOSE,
+    THINK_OPEN,
+    ArithmeticTask,
+    format_prompt,
+    format_response,
+)
 from metastone_jax.data.pipeline import arithmetic_dataset, file_dataset, load_records, pad_batch
 from metastone_jax.data.tokenizer import TextTokenizer, build_arithmetic_tokenizer
 from metastone_jax.data.verify import extract_answer, extract_boxed, is_equivalent, reward
 
 __all__ = [
-    "STEP_DELIMITER", "THINK_CLOSE", "THINK_OPEN", "ArithmeticTask", "TextTokenizer", "arithmetic_dataset",
-    "build_arithmetic_tokenizer", "extract_answer", "extract_boxed", "file_dataset", "format_prompt",
-    "format_response", "is_equivalent", "load_records", "pad_batch", "reward",
+    "STEP_DELIMITER",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "ArithmeticTask",
+    "TextTokenizer",
+    "arithmetic_dataset",
+    "build_arithmetic_tokenizer",
+    "extract_answer",
+    "extract_boxed",
+    "file_dataset",
+    "format_prompt",
+    "format_response",
+    "is_equivalent",
+    "load_records",
+    "pad_batch",
+    "reward",
 ]

@@ -56,15 +56,16 @@ class ArithmeticTask:
         if not 1 <= low_steps <= high_steps:
             raise ValueError(f"ArithmeticTask.num_steps must satisfy 1 <= low <= high, got {self.num_steps}")
         if not 1 <= low_operand <= high_operand:
-            raise ValueError(
-                f"ArithmeticTask.operand_range must satisfy 1 <= low <= high, got {self.operand_range}")
+            raise ValueError(f"ArithmeticTask.operand_range must satisfy 1 <= low <= high, got {self.operand_range}")
         if self.max_value < high_operand:
             raise ValueError(
-                f"ArithmeticTask.max_value ({self.max_value}) must be >= the largest operand ({high_operand})")
+                f"ArithmeticTask.max_value ({self.max_value}) must be >= the largest operand ({high_operand})"
+            )
         unknown = [op for op in self.operators if op not in OPERATORS]
         if not self.operators or unknown:
             raise ValueError(
-                f"ArithmeticTask.operators has unknown or no operators {unknown}; valid choices are {OPERATORS}")
+                f"ArithmeticTask.operators has unknown or no operators {unknown}; valid choices are {OPERATORS}"
+            )
         self.sample(0)  # fails now, naming the knobs, if the chain cannot be built
 
     def sample(self, index: int) -> dict[str, str]:
@@ -79,7 +80,8 @@ class ArithmeticTask:
                 return _render(*chain)
         raise ValueError(
             f"ArithmeticTask could not build a {num_steps}-step chain with operators {self.operators}, "
-            f"operand_range {self.operand_range} and max_value {self.max_value}; widen max_value or add operators")
+            f"operand_range {self.operand_range} and max_value {self.max_value}; widen max_value or add operators"
+        )
 
     def vocabulary(self) -> list[str]:
         """Every word the question and solution text can contain (numbers and symbols, without spaces)."""
@@ -103,8 +105,7 @@ class ArithmeticTask:
         value = int(rng.integers(self.operand_range[0], self.operand_range[1] + 1))
         start, operations = value, []
         for _ in range(num_steps):
-            choices = [(op, operands) for op in self.operators
-                       if len(operands := self._feasible_operands(op, value))]
+            choices = [(op, operands) for op in self.operators if len(operands := self._feasible_operands(op, value))]
             if not choices:
                 return None
             op, operands = choices[int(rng.integers(len(choices)))]

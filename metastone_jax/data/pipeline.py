@@ -24,9 +24,15 @@ ANSWER_FORMATS = ("auto", "plain", "gsm8k", "boxed")
 _GSM8K_MARKER = "####"
 
 
-def arithmetic_dataset(task: ArithmeticTask, batch_size: int, *, num_examples: int | None = None,
-                       shard_index: int | None = None, shard_count: int | None = None,
-                       num_threads: int = 1) -> grain.IterDataset:
+def arithmetic_dataset(
+    task: ArithmeticTask,
+    batch_size: int,
+    *,
+    num_examples: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_threads: int = 1,
+) -> grain.IterDataset:
     """Batches of task samples, problem i = task.sample(i); num_examples=None is an endless stream.
 
     Shards default to this JAX process; each shard takes every shard_count-th problem.
@@ -35,10 +41,19 @@ def arithmetic_dataset(task: ArithmeticTask, batch_size: int, *, num_examples: i
     return _finish(indices.map(task.sample), batch_size, shard_index, shard_count, num_threads)
 
 
-def file_dataset(path: str | Sequence[str], batch_size: int, *, question_field: str = "question", answer_field: str = "answer",
-                 answer_format: str = "auto", shuffle_seed: int | None = 0, num_epochs: int | None = 1,
-                 shard_index: int | None = None, shard_count: int | None = None,
-                 num_threads: int = 1) -> grain.IterDataset:
+def file_dataset(
+    path: str | Sequence[str],
+    batch_size: int,
+    *,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    answer_format: str = "auto",
+    shuffle_seed: int | None = 0,
+    num_epochs: int | None = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_threads: int = 1,
+) -> grain.IterDataset:
     """Batches of {"question", "answer"} read from local .jsonl / .parquet file(s) (GSM8K/MATH style).
 
     answer_format: "plain" keeps the field, "gsm8k" takes the text after "####", "boxed" the last \\boxed{},
@@ -46,8 +61,13 @@ def file_dataset(path: str | Sequence[str], batch_size: int, *, question_field: 
     forever. Shards default to this JAX process.
     """
     paths = [path] if isinstance(path, str) else list(path)
-    records = [record for p in paths for record in load_records(
-        p, question_field=question_field, answer_field=answer_field, answer_format=answer_format)]
+    records = [
+        record
+        for p in paths
+        for record in load_records(
+            p, question_field=question_field, answer_field=answer_field, answer_format=answer_format
+        )
+    ]
     dataset = grain.MapDataset.source(records)
     if shuffle_seed is not None:
         dataset = dataset.shuffle(seed=shuffle_seed)
@@ -56,8 +76,9 @@ def file_dataset(path: str | Sequence[str], batch_size: int, *, question_field: 
     return _finish(dataset, batch_size, shard_index, shard_count, num_threads)
 
 
-def load_records(path: str, *, question_field: str = "question", answer_field: str = "answer",
-                 answer_format: str = "auto") -> list[dict[str, str]]:
+def load_records(
+    path: str, *, question_field: str = "question", answer_field: str = "answer", answer_format: str = "auto"
+) -> list[dict[str, str]]:
     """All {"question", "answer"} records of a .jsonl or .parquet file, validated with file:line errors."""
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format {answer_format!r} is not one of {ANSWER_FORMATS}")
@@ -71,15 +92,17 @@ def load_records(path: str, *, question_field: str = "question", answer_field: s
         unit = "row"
     else:
         raise ValueError(f"data file {path} has an unsupported extension; use .jsonl or .parquet")
-    records = [_record(row, f"{path}, {unit} {number}", question_field, answer_field, answer_format)
-               for number, row in rows]
+    records = [
+        _record(row, f"{path}, {unit} {number}", question_field, answer_field, answer_format) for number, row in rows
+    ]
     if not records:
         raise ValueError(f"data file {path} holds no records")
     return records
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, *, length: int | None = None,
-              side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, *, length: int | None = None, side: str = "left"
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids [B, L] int32, mask [B, L] bool) with each sequence padded on `side`; L = longest unless given."""
     if side not in ("left", "right"):
         raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
@@ -91,13 +114,14 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, *, length: int | 
     mask = np.zeros((len(sequences), length), dtype=bool)
     for row, sequence in enumerate(sequences):
         start = length - len(sequence) if side == "left" else 0
-        ids[row, start:start + len(sequence)] = sequence
-        mask[row, start:start + len(sequence)] = True
+        ids[row, start : start + len(sequence)] = sequence
+        mask[row, start : start + len(sequence)] = True
     return ids, mask
 
 
-def _finish(dataset: grain.MapDataset, batch_size: int, shard_index: int | None, shard_count: int | None,
-            num_threads: int) -> grain.IterDataset:
+def _finish(
+    dataset: grain.MapDataset, batch_size: int, shard_index: int | None, shard_count: int | None, num_threads: int
+) -> grain.IterDataset:
     """Shard by process, batch into dicts of lists, and hand over to a checkpointable iterator."""
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
@@ -107,8 +131,9 @@ def _finish(dataset: grain.MapDataset, batch_size: int, shard_index: int | None,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shard = dataset[shard_index::shard_count]
     if len(shard) < batch_size:
-        raise ValueError(f"shard {shard_index} of {shard_count} holds {len(shard)} samples, "
-                         f"fewer than one batch of {batch_size}")
+        raise ValueError(
+            f"shard {shard_index} of {shard_count} holds {len(shard)} samples, fewer than one batch of {batch_size}"
+        )
     batched = shard.batch(batch_size, drop_remainder=True, batch_fn=_collate)
     # Element order is fixed by the index, so threads only prefetch; the stream stays deterministic.
     return batched.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * num_threads))

@@ -25,20 +25,24 @@ _PIECE_PATTERN = r" ?\d+| ?[^\s\d]|\s"
 class TextTokenizer:
     """encode/decode plus the ids the library needs (pad, eos, think markers, step delimiter)."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, *, source: str = "<in memory>",
-                 eos_token: str | None = None, pad_token: str | None = None):
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        *,
+        source: str = "<in memory>",
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+    ):
         self._tokenizer = tokenizer
         self.source = source
         self.eos_id = self._find_id("eos", eos_token, _EOS_CANDIDATES)
         self.pad_id = self._find_id("pad", pad_token, _PAD_CANDIDATES, fallback=self.eos_id)
         open_id, close_id = tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE)
-        self.think_ids: tuple[int, int] | None = (
-            None if open_id is None or close_id is None else (open_id, close_id))
+        self.think_ids: tuple[int, int] | None = None if open_id is None or close_id is None else (open_id, close_id)
         self.delimiter_ids: tuple[int, ...] = self._delimiter_ids()
 
     @classmethod
-    def from_file(cls, path: str, *, eos_token: str | None = None,
-                  pad_token: str | None = None) -> TextTokenizer:
+    def from_file(cls, path: str, *, eos_token: str | None = None, pad_token: str | None = None) -> TextTokenizer:
         """Loads a tokenizer.json (file or directory); eos/pad come from the arguments, a sibling
         tokenizer_config.json, or well-known names, in that order."""
         if os.path.isdir(path):
@@ -50,8 +54,12 @@ class TextTokenizer:
         except Exception as error:  # the library raises a bare Exception for malformed files
             raise ValueError(f"cannot read tokenizer file {path}: {error}") from error
         config = _read_tokenizer_config(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
-        return cls(tokenizer, source=path, eos_token=eos_token or config.get("eos_token"),
-                   pad_token=pad_token or config.get("pad_token"))
+        return cls(
+            tokenizer,
+            source=path,
+            eos_token=eos_token or config.get("eos_token"),
+            pad_token=pad_token or config.get("pad_token"),
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -74,8 +82,9 @@ class TextTokenizer:
         """Writes the tokenizer as a Hugging Face tokenizer.json."""
         self._tokenizer.save(path)
 
-    def _find_id(self, role: str, requested: str | None, candidates: tuple[str, ...],
-                 fallback: int | None = None) -> int:
+    def _find_id(
+        self, role: str, requested: str | None, candidates: tuple[str, ...], fallback: int | None = None
+    ) -> int:
         if requested is not None:
             token_id = self._tokenizer.token_to_id(requested)
             if token_id is None:
@@ -87,15 +96,18 @@ class TextTokenizer:
                 return token_id
         if fallback is not None:
             return fallback
-        raise ValueError(f"tokenizer {self.source} has none of the {role} tokens {list(candidates)}; "
-                         f"pass {role}_token= to name it")
+        raise ValueError(
+            f"tokenizer {self.source} has none of the {role} tokens {list(candidates)}; pass {role}_token= to name it"
+        )
 
     def _delimiter_ids(self) -> tuple[int, ...]:
         ids = self.encode(STEP_DELIMITER)
         unknown_id = self._tokenizer.token_to_id("<unk>")
         if not ids or unknown_id in ids or self.decode(ids, skip_special_tokens=False) != STEP_DELIMITER:
-            raise ValueError(f"tokenizer {self.source} cannot encode the step delimiter {STEP_DELIMITER!r} "
-                             f"(got ids {ids}); the SPRM needs it to find reasoning steps")
+            raise ValueError(
+                f"tokenizer {self.source} cannot encode the step delimiter {STEP_DELIMITER!r} "
+                f"(got ids {ids}); the SPRM needs it to find reasoning steps"
+            )
         return tuple(ids)
 
 

@@ -26,7 +26,8 @@ _LATEX_FRACTION = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _LATEX_SQRT = re.compile(r"\\sqrt\s*\{([^{}]*)\}")
 _LATEX_WORDS = (("\\cdot", "*"), ("\\times", "*"), ("\\pi", "pi"), ("\\sqrt", "sqrt"), ("{", "("), ("}", ")"))
 _LATEX_DROPPED = re.compile(
-    r"\\text\s*\{[^{}]*\}|\\mbox\s*\{[^{}]*\}|\^\s*\{?\\circ\}?|\\left|\\right|\\[,!; ]|\\?%|\\?\$")
+    r"\\text\s*\{[^{}]*\}|\\mbox\s*\{[^{}]*\}|\^\s*\{?\\circ\}?|\\left|\\right|\\[,!; ]|\\?%|\\?\$"
+)
 
 
 class _ParseError(ValueError):
@@ -45,7 +46,7 @@ def extract_boxed(text: str) -> str | None:
     for position in range(brace, len(text)):
         depth += {"{": 1, "}": -1}.get(text[position], 0)
         if depth == 0:
-            return text[brace + 1:position].strip()
+            return text[brace + 1 : position].strip()
     return None
 
 

@@ -152,7 +152,9 @@ class Attention(nn.Module):
         q = projection("q_proj", heads, "heads")  # [batch, seq, heads, head_dim]
         k = projection("k_proj", kv_heads, "kv_heads")  # [batch, seq, kv_heads, head_dim]
         v = projection("v_proj", kv_heads, "kv_heads")
-        q = nn.with_logical_constraint(rotary_embedding(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None))
+        q = nn.with_logical_constraint(
+            rotary_embedding(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None)
+        )
         k = rotary_embedding(k, positions, cfg.rope_theta)
 
         if cache is not None:
@@ -336,8 +338,13 @@ class MLP(nn.Module):
 
         def dense(name, features, names):
             return HeadProjection(
-                (features,), names, use_bias=False, stddev=cfg.initializer_range, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=name,
+                (features,),
+                names,
+                use_bias=False,
+                stddev=cfg.initializer_range,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
             )
 
         gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)

@@ -40,8 +40,12 @@ class ReflectiveModel(nn.Module):
         self.model = Qwen2Model(cfg, self.dtype, self.param_dtype, self.remat, self.scan_layers)
         if not cfg.tie_word_embeddings:
             self.lm_head = HeadProjection(
-                (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, stddev=cfg.initializer_range,
-                dtype=self.dtype, param_dtype=self.param_dtype,
+                (cfg.vocab_size,),
+                ("embed", "vocab"),
+                use_bias=False,
+                stddev=cfg.initializer_range,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
             )
         if self.with_head:
             self.sprm = SPRMHead(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -8,7 +8,8 @@ delimiter). A trajectory's score is the geometric mean of its step scores.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

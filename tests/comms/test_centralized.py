@@ -18,7 +18,9 @@ SHAPES = {"bias": (3,), "kernel": (5, 7)}  # 38 values: padded on 2, 4 and 8 rep
 def make_mesh(shape: dict[str, int]) -> jax.sharding.Mesh:
     size = int(np.prod(list(shape.values())))
     return jax.make_mesh(
-        tuple(shape.values()), tuple(shape), axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+        tuple(shape.values()),
+        tuple(shape),
+        axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
         devices=jax.devices()[:size],
     )
 
@@ -28,11 +30,15 @@ def random_gradients(num_replicas: int, num_steps: int, seed: int = 0) -> list[d
     rng = np.random.default_rng(seed)
     steps = []
     for _ in range(num_steps):
-        steps.append({
-            name: (rng.normal(size=(num_replicas, *shape)) * rng.uniform(0.1, 3, size=(num_replicas,) + (1,) * len(shape)))
-            .astype(np.float32)
-            for name, shape in SHAPES.items()
-        })
+        steps.append(
+            {
+                name: (
+                    rng.normal(size=(num_replicas, *shape))
+                    * rng.uniform(0.1, 3, size=(num_replicas,) + (1,) * len(shape))
+                ).astype(np.float32)
+                for name, shape in SHAPES.items()
+            }
+        )
     return steps
 
 
@@ -142,8 +148,10 @@ def test_hierarchical_onebit_over_steps_equals_numpy_simulation(slow, fast):
     mesh = make_mesh({"data": slow, "fast": fast})
     results, state = run_reduce(comms.get("hierarchical", compression="onebit"), mesh, gradient_steps)
     # Per tensor and fast part k: the errors of each slow replica in the 1-bit compression of that part.
-    parts = {name: ref.pad(np.zeros(int(np.prod(shape)), np.float32), slow * fast * 8).size // fast
-             for name, shape in SHAPES.items()}
+    parts = {
+        name: ref.pad(np.zeros(int(np.prod(shape)), np.float32), slow * fast * 8).size // fast
+        for name, shape in SHAPES.items()
+    }
     worker = {name: np.zeros((fast, slow, part), np.float32) for name, part in parts.items()}
     server = {name: np.zeros((fast, slow, part // slow), np.float32) for name, part in parts.items()}
 
@@ -163,8 +171,7 @@ def test_hierarchical_onebit_over_steps_equals_numpy_simulation(slow, fast):
     # Device (s, k) holds the errors of slow replica s in the compression of part k.
     for name, part in parts.items():
         assert_close(np.asarray(state.worker[name]), worker[name].transpose(1, 0, 2).reshape(slow * fast, part))
-        assert_close(np.asarray(state.server[name]),
-                     server[name].transpose(1, 0, 2).reshape(slow * fast, part // slow))
+        assert_close(np.asarray(state.server[name]), server[name].transpose(1, 0, 2).reshape(slow * fast, part // slow))
 
 
 def test_hierarchical_rejects_unknown_compression():
@@ -222,7 +229,9 @@ ONEBIT_GRADIENTS_UNDER_ADAM = pytest.mark.xfail(
         ("hierarchical", (("compression", "bytegrad"),), (("data", 2), ("fast", 2))),
         pytest.param("onebit", (), (("data", 4),), marks=[ONEBIT_GRADIENTS_UNDER_ADAM, pytest.mark.slow]),
         pytest.param(
-            "hierarchical", (("compression", "onebit"),), (("data", 2), ("fast", 2)),
+            "hierarchical",
+            (("compression", "onebit"),),
+            (("data", 2), ("fast", 2)),
             marks=[ONEBIT_GRADIENTS_UNDER_ADAM, pytest.mark.slow],
         ),
     ],

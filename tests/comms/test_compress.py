@@ -61,13 +61,14 @@ def test_onebit_decompress_is_scale_times_sign_exactly(dtype):
 def test_onebit_keeps_the_l2_norm():
     x = _values((1000,), seed=2)
     packed, scale, _ = compress.onebit_compress(jnp.asarray(x))
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(compress.onebit_decompress(packed, scale))),
-                               np.linalg.norm(x), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(compress.onebit_decompress(packed, scale))), np.linalg.norm(x), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_minmax_uint8_codes_and_decoding_equal_numpy_bitwise(seed):
-    x = _values((5, 97), seed=seed) * (10.0 ** seed)
+    x = _values((5, 97), seed=seed) * (10.0**seed)
     codes, minmax = compress.minmax_uint8_compress(jnp.asarray(x))
     decoded = np.asarray(compress.minmax_uint8_decompress(codes, minmax))
     assert codes.dtype == jnp.uint8

@@ -16,7 +16,10 @@ SHAPES = {"matrix": (5, 3), "vector": (7,)}
 
 
 def random_problem(num_replicas, num_steps, seed=0):
-    """Replicas that start apart, and per-step per-replica gradients: {leaf: [replicas, ...]}, {leaf: [steps, replicas, ...]}."""
+    """Replicas that start apart, and per-step per-replica gradients.
+
+    Returns {leaf: [replicas, ...]} and {leaf: [steps, replicas, ...]}.
+    """
     rng = np.random.default_rng(seed)
     start = {k: rng.normal(size=(num_replicas, *s)).astype(F32) for k, s in SHAPES.items()}
     grads = {k: rng.normal(size=(num_steps, num_replicas, *s)).astype(F32) for k, s in SHAPES.items()}
@@ -122,7 +125,9 @@ def test_decentralized_mixing_preserves_the_replica_average(mode, n):
     got = harness.replay(comms.get("decentralized", peer_mode=mode), optax.sgd(LEARNING_RATE), start, zero)
     for key in SHAPES:
         average = start[key].astype(np.float64).mean(axis=0)
-        np.testing.assert_allclose(got[key].mean(axis=1), np.broadcast_to(average, got[key].mean(axis=1).shape), atol=1e-6)
+        np.testing.assert_allclose(
+            got[key].mean(axis=1), np.broadcast_to(average, got[key].mean(axis=1).shape), atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("mode", ["ring", "shift_one", "all"])

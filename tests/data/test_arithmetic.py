@@ -65,7 +65,7 @@ def test_solution_steps_chain_correctly_and_stay_in_the_knob_ranges(task):
         reasoning, answer = _split_solution(sample["solution"])
         assert answer == sample["answer"]
         assert reasoning.endswith(STEP_DELIMITER)
-        steps = reasoning[:-len(STEP_DELIMITER)].split(STEP_DELIMITER)
+        steps = reasoning[: -len(STEP_DELIMITER)].split(STEP_DELIMITER)
         assert task.num_steps[0] <= len(steps) <= task.num_steps[1]
         previous = int(re.match(r"\(*(\d+)", sample["question"]).group(1))
         assert task.operand_range[0] <= previous <= task.operand_range[1]
@@ -83,14 +83,17 @@ def test_prompt_is_the_question_on_its_own_line():
     assert format_prompt("1 + 2") == "1 + 2\n"
 
 
-@pytest.mark.parametrize("knobs, named", [
-    (dict(num_steps=(3, 2)), "num_steps"),
-    (dict(operand_range=(0, 9)), "operand_range"),
-    (dict(max_value=5), "max_value"),
-    (dict(operators=("+", "^")), "operators"),
-    (dict(seed=-1), "seed"),
-    (dict(operators=("+",), num_steps=(20, 20), max_value=9), "max_value"),
-])
+@pytest.mark.parametrize(
+    "knobs, named",
+    [
+        (dict(num_steps=(3, 2)), "num_steps"),
+        (dict(operand_range=(0, 9)), "operand_range"),
+        (dict(max_value=5), "max_value"),
+        (dict(operators=("+", "^")), "operators"),
+        (dict(seed=-1), "seed"),
+        (dict(operators=("+",), num_steps=(20, 20), max_value=9), "max_value"),
+    ],
+)
 def test_invalid_knobs_are_rejected_with_a_message_naming_them(knobs, named):
     with pytest.raises(ValueError, match=named):
         ArithmeticTask(**knobs)

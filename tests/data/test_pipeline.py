@@ -52,16 +52,25 @@ def test_arithmetic_shards_are_disjoint_and_cover_every_problem():
 
 def test_file_shards_are_disjoint_and_cover_one_shuffled_epoch(tmp_path):
     path = _numbered_records(tmp_path, 24)
-    per_shard = [[answer for batch in file_dataset(path, 2, shuffle_seed=7, shard_index=shard, shard_count=3)
-                  for answer in batch["answer"]] for shard in range(3)]
+    per_shard = [
+        [
+            answer
+            for batch in file_dataset(path, 2, shuffle_seed=7, shard_index=shard, shard_count=3)
+            for answer in batch["answer"]
+        ]
+        for shard in range(3)
+    ]
     assert sorted(itertools.chain(*per_shard), key=int) == [str(k) for k in range(24)]
     assert per_shard[0] != [str(k) for k in range(0, 24, 3)]  # the epoch was shuffled before sharding
 
 
 def test_each_epoch_is_a_new_permutation_of_all_records(tmp_path):
     path = _numbered_records(tmp_path, 20)
-    answers = [a for batch in file_dataset(path, 5, shuffle_seed=1, num_epochs=2, shard_index=0, shard_count=1)
-               for a in batch["answer"]]
+    answers = [
+        a
+        for batch in file_dataset(path, 5, shuffle_seed=1, num_epochs=2, shard_index=0, shard_count=1)
+        for a in batch["answer"]
+    ]
     first, second = answers[:20], answers[20:]
     assert sorted(first, key=int) == sorted(second, key=int) == [str(k) for k in range(20)]
     assert first != second
@@ -83,24 +92,32 @@ def test_restored_iterator_state_continues_with_the_same_batches(tmp_path, make_
 
 
 def test_jsonl_with_custom_fields_and_answer_conventions(tmp_path):
-    path = _write_jsonl(tmp_path / "mixed.jsonl", [
-        json.dumps({"problem": "How many?", "solution": "She has 3 + 4 = 7.\n#### 1,207"}),
-        "",
-        json.dumps({"problem": "Area?", "solution": "So the area is $\\boxed{\\frac{1}{2}}$."}),
-        json.dumps({"problem": "Plain?", "solution": " 42 "}),
-        json.dumps({"problem": "Number?", "solution": 5}),
-    ])
+    path = _write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            json.dumps({"problem": "How many?", "solution": "She has 3 + 4 = 7.\n#### 1,207"}),
+            "",
+            json.dumps({"problem": "Area?", "solution": "So the area is $\\boxed{\\frac{1}{2}}$."}),
+            json.dumps({"problem": "Plain?", "solution": " 42 "}),
+            json.dumps({"problem": "Number?", "solution": 5}),
+        ],
+    )
     records = load_records(path, question_field="problem", answer_field="solution")
-    assert records == [{"question": "How many?", "answer": "1,207"}, {"question": "Area?", "answer": "\\frac{1}{2}"},
-                       {"question": "Plain?", "answer": "42"}, {"question": "Number?", "answer": "5"}]
+    assert records == [
+        {"question": "How many?", "answer": "1,207"},
+        {"question": "Area?", "answer": "\\frac{1}{2}"},
+        {"question": "Plain?", "answer": "42"},
+        {"question": "Number?", "answer": "5"},
+    ]
     plain = load_records(path, question_field="problem", answer_field="solution", answer_format="plain")
     assert plain[0]["answer"] == "She has 3 + 4 = 7.\n#### 1,207"
 
 
 def test_parquet_records_load_like_jsonl(tmp_path):
     path = str(tmp_path / "train.parquet")
-    pyarrow.parquet.write_table(pyarrow.table({"question": ["a?", "b?"], "answer": ["x #### 3", "4"],
-                                               "extra": [1, 2]}), path)
+    pyarrow.parquet.write_table(
+        pyarrow.table({"question": ["a?", "b?"], "answer": ["x #### 3", "4"], "extra": [1, 2]}), path
+    )
     assert load_records(path) == [{"question": "a?", "answer": "3"}, {"question": "b?", "answer": "4"}]
     with pytest.raises(ValueError, match=r"train\.parquet.*missing column.*'prompt'"):
         load_records(path, question_field="prompt")
@@ -110,14 +127,19 @@ def test_parquet_records_load_like_jsonl(tmp_path):
         load_records(bad)
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"question": "a", "answer": "1"}', '{"question": "b", "answer": "2"}', '{"question": oops}'],
-     r"bad\.jsonl, line 3: invalid JSON"),
-    (['{"question": "a", "answer": "1"}', '{"question": "b"}'], r"bad\.jsonl, line 2: missing field 'answer'"),
-    (['{"question": 7, "answer": "1"}'], r"bad\.jsonl, line 1: field 'question' must be a non-empty string"),
-    (['', '["question", "answer"]'], r"bad\.jsonl, line 2: expected a JSON object"),
-    (['{"question": "a", "answer": null}'], r"bad\.jsonl, line 1: field 'answer' must be a string or number"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ['{"question": "a", "answer": "1"}', '{"question": "b", "answer": "2"}', '{"question": oops}'],
+            r"bad\.jsonl, line 3: invalid JSON",
+        ),
+        (['{"question": "a", "answer": "1"}', '{"question": "b"}'], r"bad\.jsonl, line 2: missing field 'answer'"),
+        (['{"question": 7, "answer": "1"}'], r"bad\.jsonl, line 1: field 'question' must be a non-empty string"),
+        (["", '["question", "answer"]'], r"bad\.jsonl, line 2: expected a JSON object"),
+        (['{"question": "a", "answer": null}'], r"bad\.jsonl, line 1: field 'answer' must be a string or number"),
+    ],
+)
 def test_malformed_lines_are_reported_with_file_and_line_number(tmp_path, lines, message):
     path = _write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(ValueError, match=message):
@@ -125,8 +147,10 @@ def test_malformed_lines_are_reported_with_file_and_line_number(tmp_path, lines,
 
 
 def test_forced_gsm8k_format_reports_the_line_without_a_marker(tmp_path):
-    path = _write_jsonl(tmp_path / "gsm8k.jsonl", ['{"question": "a", "answer": "x #### 1"}',
-                                                   '{"question": "b", "answer": "no marker"}'])
+    path = _write_jsonl(
+        tmp_path / "gsm8k.jsonl",
+        ['{"question": "a", "answer": "x #### 1"}', '{"question": "b", "answer": "no marker"}'],
+    )
     with pytest.raises(ValueError, match=r"gsm8k\.jsonl, line 2: field 'answer' has no '####'"):
         load_records(path, answer_format="gsm8k")
 

@@ -63,7 +63,11 @@ def test_saved_tokenizer_reloads_with_the_same_ids(tokenizer, tmp_path):
     text = format_prompt(TASK.sample(5)["question"]) + TASK.sample(5)["solution"]
     assert reloaded.encode(text) == tokenizer.encode(text)
     assert (reloaded.pad_id, reloaded.eos_id, reloaded.think_ids, reloaded.delimiter_ids) == (
-        tokenizer.pad_id, tokenizer.eos_id, tokenizer.think_ids, tokenizer.delimiter_ids)
+        tokenizer.pad_id,
+        tokenizer.eos_id,
+        tokenizer.think_ids,
+        tokenizer.delimiter_ids,
+    )
 
 
 def _tiny_byte_level_bpe(extra_tokens: list[str]) -> tokenizers.Tokenizer:
@@ -72,8 +76,11 @@ def _tiny_byte_level_bpe(extra_tokens: list[str]) -> tokenizers.Tokenizer:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = ["First add the numbers.\n\nThen multiply them.\n\nSo the answer is 12.\n\n"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(corpus, trainer)
     bpe.add_tokens([AddedToken(token, normalized=False, special=False) for token in extra_tokens])
     return bpe

@@ -70,8 +70,15 @@ def test_two_processes_over_gloo_match_one_process_with_two_devices(tmp_path):
 def test_two_processes_behind_a_shaped_loopback_match_one_process(tmp_path):
     output_file = tmp_path / "results.npz"
     launched = launch(
-        "--num-processes", "2", "--bandwidth", "100mbit", "--latency", "1ms",
-        "--", "tests.launch.test_local_cluster", str(output_file),
+        "--num-processes",
+        "2",
+        "--bandwidth",
+        "100mbit",
+        "--latency",
+        "1ms",
+        "--",
+        "tests.launch.test_local_cluster",
+        str(output_file),
     )
     assert_same_as_in_process(output_file, launched)
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -137,8 +144,9 @@ else:
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("iptables-legacy") is None,
-                    reason="the delayed namespace needs root and iptables")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("iptables-legacy") is None, reason="the delayed namespace needs root and iptables"
+)
 def test_latency_delays_every_packet_so_a_round_trip_takes_twice_the_latency(tmp_path):
     script = tmp_path / "ping_pong.py"
     script.write_text(PING_PONG.format(rank=local_cluster.PROCESS_ID_ENV))
@@ -150,8 +158,10 @@ def test_latency_delays_every_packet_so_a_round_trip_takes_twice_the_latency(tmp
     assert "metastone-" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
-@pytest.mark.parametrize("bandwidth, latency, message", [("fast", None, "not a rate"), ("1gbit", "5 ms", "not a delay"),
-                                                           (None, "ms", "not a delay")])
+@pytest.mark.parametrize(
+    "bandwidth, latency, message",
+    [("fast", None, "not a rate"), ("1gbit", "5 ms", "not a delay"), (None, "ms", "not a delay")],
+)
 def test_bad_link_settings_are_refused_with_their_value(bandwidth, latency, message):
     with pytest.raises(ValueError, match=message):
         local_cluster.shaping_commands(bandwidth, latency)

@@ -13,8 +13,13 @@ from metastone_jax.sharding import logical_rules
 def test_forward_inside_shard_map_over_data_with_fsdp_and_tensor_equals_unsharded():
     # Regression: a lookup from the fsdp x tensor sharded embedding table used to abort XLA's partitioner here.
     config = ms.Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
     )
     module = ms.ReflectiveModel(config)
     mesh = ms.make_mesh(ms.MeshConfig(data=2, fsdp=2, tensor=2))

@@ -9,46 +9,46 @@ from metastone_jax.config import Qwen2Config
 from metastone_jax.models.reflective import ReflectiveModel
 from metastone_jax.models.sprm import MIN_STEP_SCORE, SPRMHead, step_score_mask, trajectory_score
 
-# Token ids for the hand-written cases: D = a one-token delimiter, O/C = <think>/</think>, others are words.
-D, O, C = 9, 7, 8
+# Token ids for the hand-written cases: DELIM = a one-token delimiter, OPEN/CLOSE = <think>/</think>, others are words.
+DELIM, OPEN, CLOSE = 9, 7, 8
 
 
-def _mask(tokens, delimiter=(D,), response=None, open_id=O, close_id=C):
+def _mask(tokens, delimiter=(DELIM,), response=None, open_id=OPEN, close_id=CLOSE):
     tokens = jnp.asarray([tokens])
     response = None if response is None else jnp.asarray([response], bool)
     return np.flatnonzero(np.asarray(step_score_mask(tokens, delimiter, open_id, close_id, response)[0])).tolist()
 
 
 def test_score_is_read_at_the_position_before_each_delimiter():
-    assert _mask([1, 2, D, 3, D, 4]) == [1, 3]
+    assert _mask([1, 2, DELIM, 3, DELIM, 4]) == [1, 3]
 
 
 def test_only_the_first_delimiter_of_a_run_counts():
-    assert _mask([1, D, D, D, 2, D]) == [0, 4]
+    assert _mask([1, DELIM, DELIM, DELIM, 2, DELIM]) == [0, 4]
 
 
 def test_delimiter_directly_after_think_is_dropped():
-    assert _mask([O, D, 1, D, 2, D, C]) == [2, 4]
+    assert _mask([OPEN, DELIM, 1, DELIM, 2, DELIM, CLOSE]) == [2, 4]
 
 
 def test_only_delimiters_inside_the_think_span_count():
     #             0  1  2  3  4  5  6  7  8
-    assert _mask([1, D, O, 2, D, C, 3, D, 4]) == [3]
+    assert _mask([1, DELIM, OPEN, 2, DELIM, CLOSE, 3, DELIM, 4]) == [3]
 
 
 def test_without_think_tags_the_whole_response_counts():
-    assert _mask([1, D, 2, D]) == [0, 2]
+    assert _mask([1, DELIM, 2, DELIM]) == [0, 2]
 
 
 def test_think_opened_in_the_prompt_span_runs_to_close():
     # R1-style: the prompt ends with <think>, so the response has only </think>.
-    tokens = [5, O, 1, D, 2, D, C, 3, D]
+    tokens = [5, OPEN, 1, DELIM, 2, DELIM, CLOSE, 3, DELIM]
     response = [0, 0, 1, 1, 1, 1, 1, 1, 1]
     assert _mask(tokens, response=response) == [2, 4]
 
 
 def test_prompt_delimiters_never_count():
-    tokens = [1, D, 2, 3, D, 4]
+    tokens = [1, DELIM, 2, 3, DELIM, 4]
     response = [0, 0, 0, 1, 1, 1]
     assert _mask(tokens, response=response) == [3]
 
@@ -63,10 +63,18 @@ def test_head_parameter_count_is_2c2_plus_4c_plus_1():
     for hidden in (8, 24, 64):
         variables = jax.eval_shape(SPRMHead(hidden).init, jax.random.key(0), jnp.zeros((1, hidden)))
         count = sum(x.value.size if hasattr(x, "value") else x.size for x in jax.tree.leaves(variables))
-        assert count == 2 * hidden * hidden + 4 * hidden + 1 == Qwen2Config(
-            vocab_size=8, hidden_size=hidden, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2,
-        ).sprm_parameter_count
+        assert (
+            count
+            == 2 * hidden * hidden + 4 * hidden + 1
+            == Qwen2Config(
+                vocab_size=8,
+                hidden_size=hidden,
+                intermediate_size=8,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            ).sprm_parameter_count
+        )
     assert Qwen2Config(hidden_size=1536).sprm_parameter_count == 4_724_737  # the 1.5B head: 4.7M
 
 
@@ -77,13 +85,19 @@ def test_trajectory_score_is_geometric_mean_of_clamped_step_scores():
     mask = np.array([[1, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], bool)
     scores = np.clip(1 / (1 + np.exp(-logits.astype(np.float64))), MIN_STEP_SCORE, 1.0)
     expected = [np.prod(scores[i][mask[i]]) ** (1 / mask[i].sum()) if mask[i].any() else 0.0 for i in range(3)]
-    np.testing.assert_allclose(np.asarray(trajectory_score(jnp.asarray(logits), jnp.asarray(mask))), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(trajectory_score(jnp.asarray(logits), jnp.asarray(mask))), expected, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-4, 0.5])
 def test_spr_gradient_reaches_the_backbone_scaled(scale):
     config = Qwen2Config(
-        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
         num_key_value_heads=1,
     )
     module = ReflectiveModel(config)
