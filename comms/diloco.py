@@ -29,6 +29,7 @@ so an inner step holds no communication at all. Without a phase, a `lax.switch` 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Hashable
 from typing import ClassVar, NamedTuple
 
@@ -201,29 +202,28 @@ class DiLoCo(CommAlgorithm):
         return [f.reshape(p.shape) for f, p in zip(flat, pieces)]
 
     def _compressed_mean(self, pieces: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
-        """(average over the replicas of every replica's decoded payload, this replica's residuals)."""
+        """(average over the replicas of every replica's decoded payload, this replica's residuals).
+
+        Each piece is padded to whole blocks on its own (a block never mixes two leaves), and all blocks are coded
+        as one array, so the program holds one encoder and one decoder whatever the number of leaves.
+        """
         codec = CODECS[self.compression]
         num_replicas = jax.lax.axis_size(self.axis_name)
-        blocks = [compress.pad_to_multiple(p.reshape(-1), self.block_size).reshape(-1, self.block_size) for p in pieces]
-        payloads, headers = zip(*map(codec.encode, blocks))
-
-        def unblock(values, like):
-            return values.reshape(-1)[: like.size].reshape(like.shape)
-
-        residuals = [
-            unblock(b - codec.decode(p, h), piece) for b, p, h, piece in zip(blocks, payloads, headers, pieces)
-        ]
-        gathered_payloads, gathered_headers = move_with_headers(
-            [p.reshape(-1) for p in payloads],
-            [h.reshape(-1) for h in headers],
-            lambda x: jax.lax.all_gather(x, self.axis_name),
+        padded = [compress.pad_to_multiple(p.reshape(-1), self.block_size) for p in pieces]
+        blocks = jnp.concatenate(padded).reshape(-1, self.block_size)
+        payload, header = codec.encode(blocks)
+        (gathered_payload,), (gathered_header,) = move_with_headers(
+            [payload.reshape(-1)], [header.reshape(-1)], lambda x: jax.lax.all_gather(x, self.axis_name)
         )
-        mean = [
-            unblock(
-                sum_rows(codec.decode(gp.reshape(num_replicas, *p.shape), gh.reshape(num_replicas, *h.shape)))
-                / num_replicas,
-                piece,
-            )
-            for gp, gh, p, h, piece in zip(gathered_payloads, gathered_headers, payloads, headers, pieces)
-        ]
-        return mean, residuals
+        decoded = codec.decode(
+            gathered_payload.reshape(num_replicas, *payload.shape), gathered_header.reshape(num_replicas, *header.shape)
+        )
+        mean = sum_rows(decoded) / num_replicas
+        residual = blocks - codec.decode(payload, header)
+
+        def unblock(values):
+            ends = list(itertools.accumulate(p.size for p in padded))
+            parts = jnp.split(values.reshape(-1), ends[:-1])
+            return [part[: piece.size].reshape(piece.shape) for part, piece in zip(parts, pieces)]
+
+        return unblock(mean), unblock(residual)

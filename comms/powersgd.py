@@ -12,7 +12,8 @@ compressed only when (rows + cols)·rank·min_compression_rate < rows·cols, the
 and the first `start_step` updates all-reduce in full precision. Leaves sent uncompressed (vectors, tiny matrices)
 ride in the same all-reduce as the Ps, so a step costs two collectives. Differences from torch: those leaves keep
 no error (torch's is their deviation from the mean, which averages out to zero); a zero column is left zero where
-torch's Gram-Schmidt divides by its zero norm; Gram-Schmidt at every rank where torch switches to QR above rank 2
+torch's Gram-Schmidt divides by its zero norm, and a column of Q that comes out zero keeps its previous value so
+that the warm start does not stay at zero; Gram-Schmidt at every rank where torch switches to QR above rank 2
 (both give the same column space, so the same M̂).
 
 Matrix view of a leaf: [prod(shape[:k]), prod(shape[k:])] at the split k that makes it closest to square (the
@@ -135,6 +136,10 @@ class PowerSGD(CommAlgorithm):
         qs = [m.T @ p for m, p in zip(matrices, ps)]
         qs = [s.reshape(q.shape) / num_replicas for s, q in zip(all_reduce(qs), qs)] if qs else []
         approximations = [p @ q.T for p, q in zip(ps, qs)]
+        # A zero gradient (on every replica) gives zero columns; warm-starting from them would keep P = M Q zero
+        # for good, so such a column keeps its previous value. (The select also types the new Q, the same on every
+        # replica, as per replica like the state it came from, as the run-time switch's other branch needs.)
+        qs = [jnp.where(jnp.any(new != 0, axis=0), new, old) for new, old in zip(qs, state.q)]
 
         out, new_errors = list(leaves), list(errors)
         for i, m, approximation in zip(compressed, matrices, approximations):
@@ -142,8 +147,5 @@ class PowerSGD(CommAlgorithm):
             new_errors[i] = (m - approximation).reshape(leaves[i].shape)
         for i, mean in zip(uncompressed, means):
             out[i] = mean.reshape(leaves[i].shape).astype(leaves[i].dtype)
-        # The new Q is the same on every replica, but the state is per replica (it comes in with the replica
-        # dimension), and the run-time switch's full branch passes the old Q through.
-        qs = tuple(jax.lax.pcast(q, self.axis_name, to="varying") for q in qs)
-        new_state = PowerSGDState(state.count, jax.tree.unflatten(treedef, new_errors), qs)
+        new_state = PowerSGDState(state.count, jax.tree.unflatten(treedef, new_errors), tuple(qs))
         return jax.tree.unflatten(treedef, out), new_state

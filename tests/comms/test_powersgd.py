@@ -133,3 +133,20 @@ def test_powersgd_keeps_zero_gradients_finite():
 def test_powersgd_refuses_bad_options_with_a_sentence(options, message):
     with pytest.raises(ValueError, match=message):
         comms.get("powersgd", **options)
+
+
+def test_powersgd_after_zero_gradients_continues_as_if_they_had_not_been():
+    # Zero gradients leave zero errors and (with the previous Q kept) the warm start as it was, so the later steps
+    # equal a run that starts with them.
+    start, grads = random_problem(2, num_steps=3, seed=8)
+    zeros = {k: np.zeros_like(g[:2]) for k, g in grads.items()}  # two steps of zero gradients
+    algorithm = comms.get("powersgd", rank=2)
+    after_zeros = harness.replay(
+        algorithm,
+        optax.sgd(LEARNING_RATE),
+        start,
+        {k: np.concatenate([zeros[k], g]) for k, g in grads.items()},
+    )
+    direct = harness.replay(algorithm, optax.sgd(LEARNING_RATE), start, grads)
+    for k in SHAPES:
+        np.testing.assert_allclose(after_zeros[k][2:], direct[k], rtol=1e-6, atol=1e-6)
