@@ -22,13 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from launch.local_cluster import initialize_from_env
 from metastone_jax import tts
-from metastone_jax.data import ArithmeticTask, TextTokenizer, extract_answer, is_equivalent, load_records
+from metastone_jax.config import RunConfig, SamplingConfig
+from metastone_jax.config_loading import load_config
+from metastone_jax.data import (
+    ArithmeticTask,
+    TextTokenizer,
+    build_arithmetic_tokenizer,
+    extract_answer,
+    is_equivalent,
+    load_records,
+)
+from metastone_jax.distributed import initialize_from_env
 from metastone_jax.models.reflective import ReflectiveModel
 from metastone_jax.rollout import encode_prompts, score_trajectories
-from metastone_jax.sampling import SamplingConfig, sample
-from metastone_jax.sharding import MeshConfig, make_mesh, to_host
+from metastone_jax.sampling import sample
+from metastone_jax.sharding import make_mesh, to_host
 
 # Held-out problems of the embedded task come from indices far past anything a run trains on.
 EVAL_INDEX_OFFSET = 10**12
@@ -204,34 +213,49 @@ def embedded_eval_records(task: ArithmeticTask, questions: int) -> list[dict[str
     return [task.sample(EVAL_INDEX_OFFSET + i) for i in range(questions)]
 
 
+def eval_records(config: RunConfig) -> list[dict[str, str]]:
+    """The run's evaluation questions: the first `eval.questions` of the first task file, or held-out problems of
+    the embedded task."""
+    task = config.task
+    if not task.files:
+        return embedded_eval_records(task.arithmetic, config.eval.questions)
+    records = load_records(
+        task.files[0],
+        question_field=task.question_field,
+        answer_field=task.answer_field,
+        answer_format=task.answer_format,
+    )
+    return records[: config.eval.questions]
+
+
+def build_tokenizer(config: RunConfig) -> TextTokenizer:
+    """`model.tokenizer`, else the pretrained model's tokenizer.json, else the embedded task's tokenizer."""
+    if config.model.tokenizer:
+        return TextTokenizer.from_file(config.model.tokenizer)
+    if config.model.pretrained:
+        return TextTokenizer.from_file(config.model.pretrained)
+    return build_arithmetic_tokenizer(config.task.arithmetic)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m metastone_jax.evaluate",
         description="Test-time scaling with the SPRM: sample n trajectories per question, pick the best of k.",
+        epilog="Example: python -m metastone_jax.evaluate runs/x eval.questions=64 eval.modes=[low,medium] "
+        "sampling.temperature=0.6",
     )
     parser.add_argument(
         "model",
-        help="a Hugging Face directory (config.json, safetensors, score_module.pt, "
-        "tokenizer.json) or a run directory of ours (its exported model/)",
+        help="a Hugging Face directory (config.json, safetensors, score_module.pt, tokenizer.json) or a run "
+        "directory of ours (its exported model/)",
     )
-    parser.add_argument("--data", help="a local .jsonl/.parquet benchmark (default: the embedded arithmetic task)")
-    parser.add_argument("--question-field", default="question")
-    parser.add_argument("--answer-field", default="answer")
-    parser.add_argument("--tokenizer", help="tokenizer.json when the model directory has none")
     parser.add_argument(
-        "--mode",
-        action="append",
-        choices=list(tts.MODES),
-        help="low (k=2), medium (k=8), high (k=32); repeatable; default all three",
+        "preset",
+        nargs="?",
+        help="a preset in configs/ or a .yaml path for the eval, sampling and task keys (default: the run "
+        "directory's config.yaml, else tiny)",
     )
-    parser.add_argument("--k", type=int, action="append", help="an explicit k instead of the modes; repeatable")
-    parser.add_argument("--samples", type=int, help="n samples per question (default: the largest k)")
-    parser.add_argument("--questions", type=int, default=64, help="questions to evaluate (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.questions=64")
     parser.add_argument("--out", help="output directory (default: <model>/eval)")
     parser.add_argument(
         "--distributed",
@@ -239,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         help="join a multi-host run with jax.distributed.initialize() (TPU pods, SLURM: auto-detected)",
     )
     args = parser.parse_args(argv)
+    if args.preset and "=" in args.preset:
+        args.overrides.insert(0, args.preset)
+        args.preset = None
     # Under launch.local_cluster or --distributed every process samples its share; the first one writes.
     initialize_from_env(auto_detect=args.distributed)
     try:
@@ -257,33 +284,28 @@ def _run(args) -> tuple[EvalResult, Path]:
     from metastone_jax.hf import load_hf
 
     model_dir = Path(args.model)
+    preset = args.preset
     if (model_dir / "model" / "config.json").is_file():  # a run directory of ours
+        if preset is None and (model_dir / "config.yaml").is_file():
+            preset = model_dir / "config.yaml"
         model_dir = model_dir / "model"
-    tokenizer_path = args.tokenizer or str(model_dir)
-    if args.tokenizer is None and not (model_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {model_dir}; pass --tokenizer PATH")
-    tokenizer = TextTokenizer.from_file(tokenizer_path)
-    modes = {f"k={k}": k for k in args.k} if args.k else {m: tts.MODES[m] for m in (args.mode or tts.MODES)}
-    samples = args.samples or max(modes.values())
-    # The model sharded over every device (of every process): fsdp, which a 32B model needs.
-    model = load_hf(model_dir, mesh=make_mesh(MeshConfig()), dtype=jnp.dtype(args.dtype))
+    config = load_config(preset, [*args.overrides, f"model.pretrained={model_dir}"])
+    if config.model.tokenizer is None and not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}; set model.tokenizer=PATH")
+    tokenizer = build_tokenizer(config)
+    # The model sharded over the configured mesh of every device (of every process): fsdp by default.
+    model = load_hf(model_dir, mesh=make_mesh(config.mesh), dtype=jnp.dtype(config.model.dtype))
     if not model.module.with_head:
         raise FileNotFoundError(f"no SPRM head in {model_dir}: expected score_module.pt (or score_module.safetensors)")
-    if args.data:
-        records = load_records(args.data, question_field=args.question_field, answer_field=args.answer_field)
-        records = records[: args.questions]
-    else:
-        records = embedded_eval_records(ArithmeticTask(), args.questions)
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p)
     result = evaluate_records(
         model.module,
         model.params,
         tokenizer,
-        records,
-        sampling=sampling,
-        num_samples=samples,
-        modes=modes,
-        seed=args.seed,
+        eval_records(config),
+        sampling=config.eval_sampling,
+        num_samples=config.eval.samples,
+        modes=config.eval.ks,
+        seed=config.seed,
         mesh=model.mesh,
     )
     return result, Path(args.out) if args.out else model_dir / "eval"

@@ -1,4 +1,6 @@
-"""The training objectives (SPEC §6): next-token cross entropy, GRPO with k3 KL and entropy, and the SPR loss.
+"""The training objectives: next-token cross entropy, GRPO with k3 KL and entropy, and the SPR loss.
+
+The formulas, with their sources, are written down in docs/algorithms.md.
 
 Conventions. `logits` [batch, seq, vocab] are float32 and position t predicts token t+1. Every per-token quantity
 (`token_logprobs`, masks) is in the *token frame*: entry t is about token t, the token being scored, so a mask
@@ -13,42 +15,19 @@ class counts are summed over devices.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 import comms
+from metastone_jax.config import RLConfig
 
-# SPEC §6: the +1e-6 keeps a group whose rewards are all equal at advantage 0 instead of 0/0.
+# The +1e-6 keeps a group whose rewards are all equal at advantage 0 instead of 0/0.
 ADVANTAGE_EPS = 1e-6
 SPR_EPS = 1e-5
 # SPR class balance: positive steps get 1.5x the inverse-frequency weight (released MetaStone-S1 code).
 SPR_POSITIVE_BOOST = 1.5
-
-
-@dataclasses.dataclass(frozen=True)
-class RLLossConfig:
-    """Coefficients of the RL objective: total = pg + spr_coef·SPR − entropy_coef·entropy + kl_coef·KL."""
-
-    group_size: int = 8  # responses sampled per prompt, consecutive in the batch
-    clip_eps: float = 0.2
-    kl_coef: float = 0.001
-    entropy_coef: float = 0.001
-    spr_coef: float = 1.0
-    # Sampling temperature: log-probabilities and entropy are those of the distribution the responses came from.
-    temperature: float = 1.0
-    # Fraction of the SPR gradient that reaches the backbone (0 = head trained on detached features).
-    sprm_backbone_grad_scale: float = 1e-4
-
-    def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size}: GRPO needs at least 2 responses per prompt")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be positive")
-        if self.clip_eps <= 0:
-            raise ValueError(f"clip_eps={self.clip_eps} must be positive")
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -143,7 +122,8 @@ def _kept_steps(
 def spr_loss(
     step_logits: jax.Array, step_mask: jax.Array, outcome: jax.Array, axis_names: Sequence[str] = ()
 ) -> jax.Array:
-    """SPEC §6's self-supervised process reward loss: class-balanced BCE on the steps that agree with the outcome.
+    """The self-supervised process reward loss (docs/algorithms.md): class-balanced BCE on the steps that agree
+    with the outcome.
 
     step_logits / step_mask [B, T] (position frame), outcome [B] (1 right, 0 wrong). The class counts are summed
     over `axis_names` (all data-parallel devices); the weighted BCE sum and the weight sum stay local, and the
@@ -170,17 +150,19 @@ def rl_loss(
     ref_logprobs: jax.Array,
     step_mask: jax.Array,
     outcome: jax.Array,
-    config: RLLossConfig,
+    config: RLConfig,
+    temperature: float = 1.0,
     old_logprobs: jax.Array | None = None,
     axis_names: Sequence[str] = (),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO + SPR in one objective: pg + spr_coef·SPR − entropy_coef·entropy + kl_coef·KL; returns (loss, metrics).
 
-    logits are divided by `config.temperature` first. Without `old_logprobs` the update is on-policy (one update
+    logits are divided by the sampling `temperature` first: log-probabilities and entropy are those of the
+    distribution the responses were drawn from. Without `old_logprobs` the update is on-policy (one update
     per rollout batch): the old policy is the current one, detached, so ρ = 1 and the gradient is −A·∇log p.
     `ref_logprobs` must come from the reference policy at the same temperature.
     """
-    logits = logits / config.temperature
+    logits = logits / temperature
     logprobs = token_logprobs(logits, tokens)
     if old_logprobs is None:
         old_logprobs = jax.lax.stop_gradient(logprobs)

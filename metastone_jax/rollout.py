@@ -17,12 +17,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import comms
+from metastone_jax.config import SamplingConfig
 from metastone_jax.data import TextTokenizer, format_prompt, pad_batch, reward
 from metastone_jax.models.reflective import ReflectiveModel
-from metastone_jax.sampling import SampleOutput, SamplingConfig, sample, trajectory_scores
-from metastone_jax.sharding import logical_rules, to_device, to_host
+from metastone_jax.sampling import SampleOutput, sample, trajectory_scores
+from metastone_jax.sharding import DATA_AXIS, logical_rules, to_device, to_host
 
-DATA = "data"
 LENGTH_BUCKET = 32
 
 
@@ -63,10 +63,10 @@ def make_replica_sampler(module: ReflectiveModel, mesh, config: SamplingConfig, 
 
     Replicas' parameters may differ (decentralized algorithms); replica r draws with fold_in(key, r).
     """
-    rules = logical_rules(manual_axes=(DATA,))
+    rules = logical_rules(manual_axes=(DATA_AXIS,))
 
     def per_replica(params, prompt_tokens, prompt_mask, key):
-        key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
+        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
         with nn.logical_axis_rules(rules):
             return sample(
                 module,
@@ -82,10 +82,14 @@ def make_replica_sampler(module: ReflectiveModel, mesh, config: SamplingConfig, 
 
     sampler = jax.jit(
         jax.shard_map(
-            per_replica, mesh=mesh, in_specs=(P(DATA), P(DATA), P(DATA), P()), out_specs=P(DATA), axis_names={DATA}
+            per_replica,
+            mesh=mesh,
+            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
+            out_specs=P(DATA_AXIS),
+            axis_names={DATA_AXIS},
         )
     )
-    rows = NamedSharding(mesh, P(DATA))
+    rows = NamedSharding(mesh, P(DATA_AXIS))
     return lambda params, prompt_tokens, prompt_mask, key: sampler(
         params, to_device(prompt_tokens, rows), to_device(prompt_mask, rows), key
     )

@@ -12,7 +12,6 @@ scored anyway: a step is scored at the position *before* its delimiter, and that
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -21,29 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metastone_jax.config import SamplingConfig
 from metastone_jax.models.qwen2 import init_cache
 from metastone_jax.models.reflective import ReflectiveModel
 from metastone_jax.models.sprm import step_score_mask, trajectory_score
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """temperature 0 is greedy (top_p/top_k ignored); top_p 1.0 and top_k 0 switch those filters off."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 disables nucleus filtering)")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k filtering)")
 
 
 class SampleOutput(NamedTuple):

@@ -4,9 +4,9 @@ Inside the shard_map each replica computes the gradient of its own slice of the 
 communication algorithm (`comms.apply_gradients`); `fsdp` and `tensor` are left to the compiler through the
 logical-axis rules. Every TrainState leaf except `step` carries a leading replica dimension sharded over `data`.
 
-The optimizer is two optimizers side by side: the policy's for every parameter outside params["sprm"] and the
-SPRM head's own AdamW for params["sprm"] (SPEC §6), each with its own global-norm clipping, as the released code
-clips and steps the actor and the score module separately.
+The optimizer is two optimizers side by side: the policy's for every parameter outside params[HEAD] and the
+SPRM head's own AdamW for params[HEAD] (docs/algorithms.md), each with its own global-norm clipping, as the
+released code clips and steps the actor and the score module separately.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import comms
-from metastone_jax.losses import RLLossConfig, group_advantages, rl_loss, sft_loss, token_logprobs
-from metastone_jax.models.reflective import ReflectiveModel, init_params, param_shardings
-from metastone_jax.sharding import logical_rules, to_device
+from metastone_jax.config import RLConfig
+from metastone_jax.losses import group_advantages, rl_loss, sft_loss, token_logprobs
+from metastone_jax.models.reflective import HEAD, ReflectiveModel, init_params, param_shardings
+from metastone_jax.sharding import DATA_AXIS, LOGICAL_RULES, fit_spec, logical_rules, to_device
 
 PyTree = Any
-DATA = "data"
-HEAD = "sprm"  # params[HEAD] is the SPRM head; everything else is the policy
 SFT_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
 RL_BATCH_KEYS = ("tokens", "attention_mask", "response_mask", "rewards", "outcome", "step_mask")
 
@@ -42,7 +41,7 @@ class TrainState(NamedTuple):
 
 
 def param_labels(params: PyTree) -> PyTree:
-    """`"head"` for every leaf under params["sprm"], `"policy"` for the rest (the labels of `make_optimizer`)."""
+    """`"head"` for every leaf under params[HEAD], `"policy"` for the rest (the labels of `make_optimizer`)."""
     return {
         name: jax.tree.map(lambda _, label=("head" if name == HEAD else "policy"): label, sub)
         for name, sub in params.items()
@@ -92,52 +91,65 @@ def _forward(module, params, batch, **kwargs):
 
 
 def _state_specs() -> TrainState:
-    return TrainState(step=P(), params=P(DATA), opt_state=P(DATA), comm_state=P(DATA))
+    return TrainState(step=P(), params=P(DATA_AXIS), opt_state=P(DATA_AXIS), comm_state=P(DATA_AXIS))
 
 
-def _init_fn(algorithm, tx, mesh):
-    """shard_map'd: params without the replica dimension -> the TrainState at step 0."""
+def _init_fn(algorithm, tx, mesh, step: int = 0):
+    """shard_map'd: params without the replica dimension -> the TrainState at `step`."""
 
     def init(params):
         return TrainState(
-            step=jnp.zeros([], jnp.int32),
+            step=jnp.full([], step, jnp.int32),
             params=comms.add_replica_dim(params),
             opt_state=comms.add_replica_dim(tx.init(params)),
             comm_state=comms.add_replica_dim(algorithm.init(params)),
         )
 
     # algorithm.init may read the replica count, so it runs inside the shard_map.
-    return jax.shard_map(init, mesh=mesh, in_specs=P(), out_specs=_state_specs(), axis_names={DATA})
+    return jax.shard_map(init, mesh=mesh, in_specs=P(), out_specs=_state_specs(), axis_names={DATA_AXIS})
 
 
+@functools.cache
 def train_state_shardings(
     module: ReflectiveModel, algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, mesh
 ) -> TrainState:
-    """NamedShardings of every TrainState leaf: replica dimension over `data`, the rest as the parameter it mirrors.
+    """NamedShardings of every TrainState leaf: the replica dimension over `data`, the rest by logical axes.
 
-    An optimizer or algorithm leaf that mirrors a parameter (its key path ends with that parameter's path and the
-    shapes agree, e.g. Adam's moments) is sharded like it over `fsdp`/`tensor`; any other leaf (counts, flat error
-    buffers) is replicated inside its replica group.
+    The state is traced from the parameters with their logical-axis boxes (`nn.with_logical_partitioning`) still
+    on, so a leaf the optimizer or the algorithm builds from a parameter (Adam's moments, a neighbour's copy) keeps
+    that parameter's axis names and is sharded like it; any other leaf (counts, flat error buffers) is replicated
+    inside its replica group. Computed once per (module, algorithm, optimizer, mesh).
     """
-    shardings = param_shardings(module, mesh)
-    abstract_params = jax.eval_shape(lambda key: init_params(module, key), jax.random.key(0))
-    by_path = {
-        tuple(path): (leaf.shape, sharding.spec)
-        for (path, leaf), sharding in zip(
-            jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(shardings)
-        )
-    }
-    abstract_state = jax.eval_shape(_init_fn(algorithm, tx, mesh), abstract_params)
+    boxed_params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    abstract_state = jax.eval_shape(_init_fn(algorithm, tx, mesh), boxed_params)
 
-    def leaf_sharding(path, leaf):
-        for start in range(len(path)):
-            shape, spec = by_path.get(tuple(path[start:]), (None, None))
-            if shape == leaf.shape[1:]:
-                return NamedSharding(mesh, P(DATA, *spec))
-        return NamedSharding(mesh, P(DATA))
+    def leaf_sharding(leaf):
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            return NamedSharding(mesh, P(DATA_AXIS))
+        if not hasattr(leaf.value, "shape"):  # a masked-out entry of the other optimizer (optax.MaskedNode)
+            return leaf.value
+        if len(leaf.names) != leaf.value.ndim - 1:  # built from a parameter but reshaped (a flat buffer)
+            return NamedSharding(mesh, P(DATA_AXIS))
+        spec = nn.logical_to_mesh_axes(leaf.names, LOGICAL_RULES)
+        return NamedSharding(mesh, fit_spec(P(DATA_AXIS, *spec), leaf.value.shape, mesh))
 
-    per_replica = jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state._replace(step=None))
+    per_replica = jax.tree.map(
+        leaf_sharding, abstract_state._replace(step=None), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
     return per_replica._replace(step=NamedSharding(mesh, P()))
+
+
+def abstract_train_state(
+    module: ReflectiveModel, algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, mesh
+) -> TrainState:
+    """The TrainState's shapes, dtypes and shardings (`jax.ShapeDtypeStruct` leaves), without building it."""
+    abstract_params = jax.eval_shape(lambda key: init_params(module, key), jax.random.key(0))
+    shapes = jax.eval_shape(_init_fn(algorithm, tx, mesh), abstract_params)
+    return jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        shapes,
+        train_state_shardings(module, algorithm, tx, mesh),
+    )
 
 
 def init_train_state(
@@ -146,14 +158,16 @@ def init_train_state(
     tx: optax.GradientTransformation,
     mesh,
     key_or_params: jax.Array | PyTree,
+    step: int = 0,
 ) -> TrainState:
-    """Step 0: every replica starts from the same parameters (a typed PRNG key initialises them at random)."""
+    """The state at global `step` (0 for a new run), every replica at the same parameters (a typed PRNG key
+    initialises them at random) with a fresh optimizer and algorithm state."""
     if isinstance(key_or_params, jax.Array) and jax.dtypes.issubdtype(key_or_params.dtype, jax.dtypes.prng_key):
         params = init_params(module, key_or_params, mesh)
     else:
         params = jax.device_put(key_or_params, param_shardings(module, mesh))
     shardings = train_state_shardings(module, algorithm, tx, mesh)
-    return jax.jit(_init_fn(algorithm, tx, mesh), out_shardings=shardings)(params)
+    return jax.jit(_init_fn(algorithm, tx, mesh, step), out_shardings=shardings)(params)
 
 
 # ----------------------------------------------------------------------------------------------- the steps
@@ -167,7 +181,7 @@ def _make_step(module, algorithm, tx, mesh, replica_loss, prepare, required_keys
     `phase=algorithm.phase(k)`, k the number of updates the state's optimizer has taken, to compile the optimizer's
     path for that phase alone (None: chosen at run time; see comms.api).
     """
-    rules = logical_rules(manual_axes=(DATA,))
+    rules = logical_rules(manual_axes=(DATA_AXIS,))
 
     def per_replica(state: TrainState, batch, *extras, phase):
         params, opt_state, comm_state = map(comms.strip_replica_dim, (state.params, state.opt_state, state.comm_state))
@@ -177,22 +191,22 @@ def _make_step(module, algorithm, tx, mesh, replica_loss, prepare, required_keys
             algorithm, tx, grads, params, opt_state, comm_state, state.step, phase
         )
         new_state = TrainState(state.step + 1, *map(comms.add_replica_dim, (params, opt_state, comm_state)))
-        return new_state, comms.pmean(metrics, DATA)
+        return new_state, comms.pmean(metrics, DATA_AXIS)
 
     extra_specs = tuple(P() for _ in extra_shardings)
-    num_replicas = mesh.shape[DATA]
+    num_replicas = mesh.shape[DATA_AXIS]
 
     state_shardings = train_state_shardings(module, algorithm, tx, mesh)
-    batch_sharding = NamedSharding(mesh, P(DATA))
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
 
     @functools.cache
     def jitted(phase):
         sharded = jax.shard_map(
             functools.partial(per_replica, phase=phase),
             mesh=mesh,
-            in_specs=(_state_specs(), P(DATA), *extra_specs),
+            in_specs=(_state_specs(), P(DATA_AXIS), *extra_specs),
             out_specs=(_state_specs(), P()),
-            axis_names={DATA},
+            axis_names={DATA_AXIS},
         )
         return jax.jit(
             lambda state, batch, *extras: sharded(state, prepare(batch), *extras),
@@ -234,7 +248,8 @@ def make_rl_step(
     algorithm: comms.CommAlgorithm,
     tx: optax.GradientTransformation,
     mesh,
-    loss_config: RLLossConfig,
+    config: RLConfig,
+    temperature: float = 1.0,
     dropout_seed: int = 0,
 ) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
     """GRPO for the policy + SPR for the head in one backward pass: `step(state, batch, ref_params)`.
@@ -252,18 +267,18 @@ def make_rl_step(
 
     def prepare(batch):
         # Advantages on the global batch, so a group never straddles two replicas.
-        return {**batch, "advantages": group_advantages(batch["rewards"], loss_config.group_size)}
+        return {**batch, "advantages": group_advantages(batch["rewards"], config.group_size)}
 
     def replica_loss(params, batch, step, ref_params):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), step), jax.lax.axis_index(DATA))
-        ref_logits = _forward(module, ref_params, batch).logits / loss_config.temperature
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), step), jax.lax.axis_index(DATA_AXIS))
+        ref_logits = _forward(module, ref_params, batch).logits / temperature
         ref_logprobs = jax.lax.stop_gradient(token_logprobs(ref_logits, batch["tokens"]))
         out = _forward(
             module,
             params,
             batch,
             deterministic=False,
-            sprm_backbone_grad_scale=loss_config.sprm_backbone_grad_scale,
+            sprm_backbone_grad_scale=config.sprm_backbone_grad_scale,
             rngs={"dropout": key},
         )
         return rl_loss(
@@ -275,9 +290,10 @@ def make_rl_step(
             ref_logprobs,
             batch["step_mask"],
             batch["outcome"],
-            loss_config,
+            config,
+            temperature,
             old_logprobs=batch.get("old_logprobs"),
-            axis_names=(DATA,),
+            axis_names=(DATA_AXIS,),
         )
 
     return _make_step(

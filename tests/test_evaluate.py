@@ -41,16 +41,10 @@ def test_end_to_end_writes_table_jsonl_and_plot(model_dir, tmp_path, capsys):
     code = main(
         [
             str(model_dir),
-            "--questions",
-            "3",
-            "--mode",
-            "low",
-            "--mode",
-            "medium",
-            "--samples",
-            "8",
-            "--max-new-tokens",
-            "8",
+            "eval.questions=3",
+            "eval.modes=[low, medium]",
+            "eval.samples=8",
+            "sampling.max_new_tokens=8",
             "--out",
             str(out),
         ]
@@ -73,15 +67,16 @@ def test_end_to_end_writes_table_jsonl_and_plot(model_dir, tmp_path, capsys):
 
 
 def test_k_larger_than_n_is_refused(model_dir, capsys):
-    assert main([str(model_dir), "--questions", "1", "--mode", "high", "--samples", "8"]) == 2
-    assert "needs k=32 samples per question but only 8" in capsys.readouterr().err
+    assert main([str(model_dir), "eval.questions=1", "eval.modes=[high]", "eval.samples=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "k=32" in err and "samples=8" in err
 
 
 def test_missing_head_is_refused(model_dir, tmp_path, capsys):
     for file in model_dir.iterdir():
         if file.name != "score_module.pt" and file.is_file():
             (tmp_path / file.name).write_bytes(file.read_bytes())
-    assert main([str(tmp_path), "--questions", "1", "--mode", "low"]) == 2
+    assert main([str(tmp_path), "eval.questions=1", "eval.modes=[low]"]) == 2
     assert "no SPRM head" in capsys.readouterr().err
 
 
@@ -89,7 +84,7 @@ def test_tokenizer_without_the_delimiter_is_refused(model_dir, tmp_path, capsys)
     vocab = {"<pad>": 0, "<eos>": 1, "a": 2}
     bare = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
     bare.save(str(tmp_path / "tokenizer.json"))
-    assert main([str(model_dir), "--tokenizer", str(tmp_path / "tokenizer.json"), "--mode", "low"]) == 2
+    assert main([str(model_dir), f"model.tokenizer={tmp_path / 'tokenizer.json'}", "eval.modes=[low]"]) == 2
     assert "tokenizer.json" in capsys.readouterr().err
 
 
@@ -108,14 +103,10 @@ def test_two_processes_through_the_launcher_evaluate_like_one_process_with_two_d
     evaluate = [
         "metastone_jax.evaluate",
         str(model_dir),
-        "--questions",
-        "3",
-        "--mode",
-        "low",
-        "--samples",
-        "4",
-        "--max-new-tokens",
-        "8",
+        "eval.questions=3",
+        "eval.modes=[low]",
+        "eval.samples=4",
+        "sampling.max_new_tokens=8",
         "--out",
     ]
     single = subprocess.run(

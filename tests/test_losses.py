@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from metastone_jax import losses
+from metastone_jax.config import RLConfig
 
 B, T, V = 4, 7, 11
 
@@ -53,7 +54,8 @@ def np_entropy_per_token(logits):
 
 
 def np_spr_loss(step_logits, step_mask, outcome, global_counts=None):
-    """SPEC §6 with explicit loops; `global_counts` (pos, neg) before the +1 replace the local ones."""
+    """The SPR loss of docs/algorithms.md with explicit loops; `global_counts` (pos, neg) before the +1 replace
+    the local ones."""
     pos = neg = 0
     kept = []
     for b in range(step_logits.shape[0]):
@@ -207,7 +209,7 @@ def test_spr_counts_summed_over_four_devices_equal_the_whole_batchs_counts():
 
 def test_rl_loss_combines_the_terms_with_their_coefficients_at_the_sampling_temperature():
     rng, logits, tokens, response_mask = _random_inputs(8)
-    config = losses.RLLossConfig(group_size=2, kl_coef=0.3, entropy_coef=0.05, spr_coef=0.7, temperature=0.6)
+    config = RLConfig(group_size=2, kl_coef=0.3, entropy_coef=0.05, spr_coef=0.7)
     old_logprobs = np_token_logprobs(logits / 0.6, tokens) + rng.normal(scale=0.3, size=(B, T))
     ref_logprobs = np_token_logprobs(logits / 0.6, tokens) + rng.normal(scale=0.3, size=(B, T))
     advantages = rng.normal(size=(B,))
@@ -225,6 +227,7 @@ def test_rl_loss_combines_the_terms_with_their_coefficients_at_the_sampling_temp
         jnp.asarray(step_mask),
         f32(outcome),
         config,
+        temperature=0.6,
         old_logprobs=f32(old_logprobs),
     )
     logprobs = np_token_logprobs(logits / 0.6, tokens)
@@ -243,7 +246,7 @@ def test_on_policy_rl_loss_has_ratio_one_and_gradient_minus_advantage_times_grad
     _, logits, tokens, mask = _random_inputs(9)
     mask[:, 0] = False
     advantages = np.array([1.0, -0.5, 2.0, 0.0], np.float32)
-    config = losses.RLLossConfig(group_size=2, kl_coef=0.0, entropy_coef=0.0, spr_coef=0.0)
+    config = RLConfig(group_size=2, kl_coef=0.0, entropy_coef=0.0, spr_coef=0.0)
     zeros = jnp.zeros((B, T))
 
     def pg(logits):

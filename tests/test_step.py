@@ -13,9 +13,9 @@ import pytest
 
 import comms
 from metastone_jax import losses, step
-from metastone_jax.config import Qwen2Config
+from metastone_jax.config import MeshConfig, Qwen2Config, RLConfig
 from metastone_jax.models.reflective import ReflectiveModel, init_params
-from metastone_jax.sharding import MeshConfig, make_mesh
+from metastone_jax.sharding import make_mesh
 
 CONFIG = Qwen2Config(
     vocab_size=32,
@@ -122,7 +122,7 @@ def test_optimizer_moments_are_sharded_like_their_parameters_with_a_replica_axis
     assert adam.count.shape == (2,) and adam.count.sharding.spec == jax.sharding.PartitionSpec("data")
 
 
-def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2):
+def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2, temperature=1.0):
     """One RL update without shard_map: mean over the replicas' losses, as vmap over their parts of the batch."""
     rewards = batch["rewards"].reshape(-1, config.group_size).astype(np.float64)
     advantages = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + 1e-6)
@@ -137,7 +137,7 @@ def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2):
                 {"params": variables}, half["tokens"], half["positions"], half["attention_mask"], **kwargs
             )
 
-        ref_logprobs = losses.token_logprobs(forward(ref_params).logits / config.temperature, half["tokens"])
+        ref_logprobs = losses.token_logprobs(forward(ref_params).logits / temperature, half["tokens"])
         out = forward(
             p, deterministic=False, sprm_backbone_grad_scale=config.sprm_backbone_grad_scale, rngs={"dropout": key}
         )
@@ -151,6 +151,7 @@ def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2):
             half["step_mask"],
             half["outcome"],
             config,
+            temperature,
             axis_names=("data",),
         )[0]
 
@@ -175,12 +176,12 @@ def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_fu
     algorithm = comms.get("pmean")
     # A large eps keeps Adam's first step (≈ lr·sign(g)) smooth in g, so float rounding cannot flip a tiny gradient.
     tx = step.make_optimizer(algorithm, 1e-3, eps=1e-4, head_learning_rate=1e-3)
-    config = losses.RLLossConfig(group_size=GROUP, kl_coef=0.1, entropy_coef=0.01, sprm_backbone_grad_scale=0.5)
+    config = RLConfig(group_size=GROUP, kl_coef=0.1, entropy_coef=0.01, sprm_backbone_grad_scale=0.5)
     batch = rl_batch()
     state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
-    rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, config, dropout_seed=3)
+    rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, config, temperature=0.7, dropout_seed=3)
     state, metrics = rl_step(state, batch, ref_params)
-    want = _by_hand_rl_update(params, ref_params, batch, config, tx, seed=3, replicas=replicas)
+    want = _by_hand_rl_update(params, ref_params, batch, config, tx, seed=3, replicas=replicas, temperature=0.7)
     assert float(metrics["kl"]) > 0 and float(metrics["spr_loss"]) > 0
     for got, expected, before in zip(_leaves(state.params), _leaves(want), _leaves(params)):
         assert not np.array_equal(expected, before)
@@ -196,7 +197,7 @@ def test_spr_gradient_reaches_the_backbone_scaled_by_the_configured_fraction(par
     batch = rl_batch(rewards=np.zeros(BATCH, np.float32), outcome=np.array([1, 0] * 4, np.float32))
 
     def spr_gradients(scale):
-        config = losses.RLLossConfig(group_size=GROUP, kl_coef=0.0, entropy_coef=0.0, sprm_backbone_grad_scale=scale)
+        config = RLConfig(group_size=GROUP, kl_coef=0.0, entropy_coef=0.0, sprm_backbone_grad_scale=scale)
         state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
         state, metrics = step.make_rl_step(MODULE, algorithm, tx, mesh, config)(state, batch, ref_params)
         assert float(metrics["spr_loss"]) > 0
@@ -244,7 +245,7 @@ def test_train_steps_name_missing_batch_keys_and_indivisible_batches(params, ref
     algorithm = comms.get("pmean")
     tx = step.make_optimizer(algorithm, 1e-3)
     state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
-    rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, losses.RLLossConfig(group_size=GROUP))
+    rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, RLConfig(group_size=GROUP))
     batch = rl_batch()
     with pytest.raises(ValueError, match="missing outcome"):
         rl_step(state, {k: v for k, v in batch.items() if k != "outcome"}, ref_params)

@@ -14,8 +14,11 @@ import jax.numpy as jnp
 from metastone_jax.config import Qwen2Config
 from metastone_jax.models.qwen2 import HeadProjection, KVCache, Qwen2Model, attention_mask
 from metastone_jax.models.sprm import SPRMHead
+from metastone_jax.sharding import LOGICAL_RULES, fit_spec
 
 Dtype = Any
+# params[HEAD] holds the SPRM head (the name of its attribute in ReflectiveModel.setup); the rest is the policy.
+HEAD = "sprm"
 
 
 class ModelOutput(NamedTuple):
@@ -93,15 +96,14 @@ def _abstract_params(module: ReflectiveModel) -> Any:
     return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
-def param_shardings(module: ReflectiveModel, mesh: jax.sharding.Mesh, rules=None) -> Any:
+@functools.cache
+def param_shardings(module: ReflectiveModel, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES) -> Any:
     """NamedShardings of every parameter on `mesh` through the logical-axis rules table.
 
     A dimension that the mapped mesh axes do not divide (a vocabulary of 97 over 2 devices) stays replicated.
     """
-    from metastone_jax.sharding import LOGICAL_RULES, fit_spec
-
     abstract = _abstract_params(module)
-    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules or LOGICAL_RULES)
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules)
     return jax.tree.map(
         lambda box, spec: jax.sharding.NamedSharding(mesh, fit_spec(spec, box.value.shape, mesh)),
         abstract,
@@ -110,15 +112,23 @@ def param_shardings(module: ReflectiveModel, mesh: jax.sharding.Mesh, rules=None
     )
 
 
-def init_params(module: ReflectiveModel, key: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Any:
-    """Randomly initialised parameters (plain arrays), created directly in their sharding when `mesh` is given."""
+def init_params(
+    module: ReflectiveModel, key: jax.Array, mesh: jax.sharding.Mesh | None = None, *, only: str | None = None
+) -> Any:
+    """Randomly initialised parameters (plain arrays), created directly in their sharding when `mesh` is given.
+
+    `only` names one top-level entry to initialise alone, e.g. `only=HEAD` for a pretrained backbone without a
+    head (the compiler drops the rest; the values equal those of a full initialisation).
+    """
 
     def init(key):
-        return nn.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+        params = nn.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+        return params if only is None else params[only]
 
     if mesh is None:
         return jax.jit(init)(key)
-    return jax.jit(init, out_shardings=param_shardings(module, mesh))(key)
+    shardings = param_shardings(module, mesh)
+    return jax.jit(init, out_shardings=shardings if only is None else shardings[only])(key)
 
 
 @dataclasses.dataclass
@@ -135,8 +145,6 @@ class Model:
 
     def __call__(self, tokens: jax.Array, **kwargs) -> ModelOutput:
         """tokens [batch, seq] int -> ModelOutput(logits, features, step_logits, cache); kwargs as ReflectiveModel."""
-        from metastone_jax.sharding import LOGICAL_RULES
-
         with contextlib.ExitStack() as stack:
             if self.mesh is not None:
                 stack.enter_context(jax.set_mesh(self.mesh))

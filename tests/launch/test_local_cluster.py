@@ -182,7 +182,7 @@ def test_latency_without_iptables_names_the_package_to_install(monkeypatch):
 
 
 if __name__ == "__main__":
-    from launch.local_cluster import initialize_from_env
+    from metastone_jax.distributed import initialize_from_env
 
     process_id, _ = initialize_from_env()
     from tests.comms import harness
@@ -203,14 +203,3 @@ def test_children_get_the_cluster_variables_and_huge_pages_without_losing_other_
     merged = local_cluster.glibc_tunables(chosen, "glibc.malloc.mmap_max=0:glibc.malloc.hugetlb=1")
     assert merged == "glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=0"
     assert local_cluster.glibc_tunables({"GLIBC_TUNABLES": merged}, "glibc.malloc.mmap_max=0") == merged
-
-
-def test_outside_a_launch_only_auto_detect_joins_through_jax_distributed(monkeypatch):
-    import jax
-
-    joined = []
-    monkeypatch.delenv(local_cluster.COORDINATOR_ENV, raising=False)
-    monkeypatch.setattr(jax.distributed, "initialize", lambda: joined.append(True))
-    assert local_cluster.initialize_from_env() == (0, 1) and not joined
-    assert local_cluster.initialize_from_env(auto_detect=True) == (jax.process_index(), jax.process_count())
-    assert joined == [True]
