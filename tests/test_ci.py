@@ -5,6 +5,7 @@ stand-ins that only log how they were called: a run takes seconds instead of a r
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def run_ci(tmp_path: Path, readme: str) -> tuple[subprocess.CompletedProcess, li
     """bash .ci/run in a tree of .ci/, `readme` and a logging scripts/setup_system.sh; returns it and the calls."""
     tree, bin_dir, calls = tmp_path / "tree", tmp_path / "bin", tmp_path / "calls"
     shutil.copytree(REPO / ".ci", tree / ".ci")
+    shutil.copy(REPO / "pyproject.toml", tree / "pyproject.toml")
     (tree / "README.md").write_text(readme)
     (tree / "scripts").mkdir()
     write_executable(tree / "scripts" / "setup_system.sh", '#!/bin/sh\necho setup_system >> "$CALLS"\n')
@@ -76,19 +78,25 @@ def test_the_commands_are_the_readme_s_first_two_bash_blocks():
     assert TESTS.startswith("scripts/setup_system.sh && ") and TESTS.endswith(" -m pytest -q")
 
 
-def test_ci_runs_the_readme_s_main_job_shortened_then_its_tests_then_ruff(tmp_path):
+RUFF = re.search(r"ruff==[0-9.]+", (REPO / "pyproject.toml").read_text()).group()
+# What .ci/run runs after the main job: ruff at the test extra's version, then the README's test command.
+AFTER_MAIN = [
+    f"pip install -q {RUFF}",
+    "ruff format --check .",
+    "ruff check .",
+    "setup_system",
+    "pip install -q -e .[test]",
+    "python -m pytest -q",
+]
+
+
+def test_ci_runs_the_readme_s_main_job_shortened_then_ruff_then_its_tests(tmp_path):
     ran, calls = run_ci(tmp_path, README)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     main, *rest = calls[1:]
     assert calls[0] == "pip install -e ."
     assert main.startswith("python -m metastone_jax.train sft.steps=") and main.endswith(" eval.modes=[low]")
-    assert rest == [
-        "setup_system",
-        "pip install -q -e .[test]",
-        "python -m pytest -q",
-        "ruff format --check .",
-        "ruff check .",
-    ]
+    assert rest == AFTER_MAIN
     assert f"+ {TESTS}\n" in ran.stdout
 
 
@@ -109,17 +117,18 @@ def test_ci_refuses_a_readme_without_its_two_commands_before_running_anything(tm
 
 
 @pytest.mark.parametrize(
-    "main, tests, calls_before",
+    "main, tests, calls_made",
     [
         (MAIN.replace("-m venv", "-m no_such_venv"), TESTS, 0),
-        (MAIN, TESTS.replace("-m venv", "-m no_such_venv"), 3),
-        (MAIN, TESTS.replace("pytest -q", "pytest -q && false"), 5),
+        (MAIN, TESTS.replace("-m venv", "-m no_such_venv"), 2 + AFTER_MAIN.index("setup_system") + 1),
+        (MAIN, TESTS.replace("pytest -q", "pytest -q && false"), 2 + len(AFTER_MAIN)),
     ],
 )
-def test_ci_fails_where_a_readme_command_fails_and_runs_nothing_after_it(tmp_path, main, tests, calls_before):
+def test_ci_fails_where_a_readme_command_fails_and_runs_nothing_after_it(tmp_path, main, tests, calls_made):
     ran, calls = run_ci(tmp_path, readme_with(main, tests))
     assert ran.returncode != 0
-    assert len(calls) == calls_before and not any(call.startswith("ruff") for call in calls)
+    assert len(calls) == calls_made
+    assert calls[2:] == AFTER_MAIN[: max(calls_made - 2, 0)]
 
 
 def test_without_the_slow_link_tools_their_tests_skip_naming_the_tools_and_the_install(tmp_path):
