@@ -10,7 +10,15 @@ from metastone_jax.data.arithmetic import (
 )
 from metastone_jax.data.pipeline import arithmetic_dataset, file_dataset, load_records, pad_batch
 from metastone_jax.data.tokenizer import TextTokenizer, build_arithmetic_tokenizer
-from metastone_jax.data.verify import extract_answer, extract_boxed, is_equivalent, reward
+from metastone_jax.data.verify import (
+    equivalences,
+    extract_answer,
+    extract_answers,
+    extract_boxed,
+    is_equivalent,
+    reward,
+    rewards,
+)
 
 __all__ = [
     "STEP_DELIMITER",
@@ -20,7 +28,9 @@ __all__ = [
     "TextTokenizer",
     "arithmetic_dataset",
     "build_arithmetic_tokenizer",
+    "equivalences",
     "extract_answer",
+    "extract_answers",
     "extract_boxed",
     "file_dataset",
     "format_prompt",
@@ -29,4 +39,5 @@ __all__ = [
     "load_records",
     "pad_batch",
     "reward",
+    "rewards",
 ]
