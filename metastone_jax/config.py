@@ -171,6 +171,8 @@ class TaskConfig:
     question_field: str = "question"
     answer_field: str = "answer"
     answer_format: str = "auto"  # see data.pipeline.file_dataset
+    # Appended to each question of a model with a chat template; None: data.prompts.DEFAULT_INSTRUCTION, "": none.
+    instruction: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -194,7 +194,7 @@ class Trainer:
             if step < config.sft.steps:
                 phase = "sft"
                 samples = next(iterators["sft"])
-                batch = sft_batch(self.tokenizer, samples["question"], samples["solution"])
+                batch = sft_batch(self.tokenizer, samples["question"], samples["solution"], config.task.instruction)
                 comm_phase = self.algorithm.phase(step)  # the SFT optimizer's update count is the step
                 state, metrics = sft_step(state, batch, phase=comm_phase)
                 metrics = {k: float(v) for k, v in metrics.items()}
@@ -215,6 +215,7 @@ class Trainer:
                     samples["answer"],
                     key,
                     config.rl.group_size,
+                    config.task.instruction,
                 )
                 comm_phase = self.algorithm.phase(step - config.sft.steps)  # the RL optimizer started at sft.steps
                 state, metrics = rl_step(state, rollouts.batch, ref_params, phase=comm_phase)
@@ -268,6 +269,7 @@ class Trainer:
             num_samples=config.eval.samples,
             modes=config.eval.modes,
             seed=config.seed,
+            instruction=config.task.instruction,
         )
         if self.is_lead:
             write_outputs(result, self.run_dir)
