@@ -31,6 +31,8 @@ MAX_ANSWER_CHARS = 300
 MAX_NESTING = 8  # brackets of any kind; the LaTeX parser's time grows exponentially with nested braces
 MAX_TAIL_CHARS = 4000
 DEADLINE_S = 5.0  # per request (one extraction or one comparison), math-verify's own default per operation
+# Workers check a batch's answers side by side; each parses one at a time, in tens of MB.
+WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 _INTEGER = re.compile(r"-?\d{1,64}")
 # Exact integer powers sympy would compute digit by digit: towers (9^{9^{9}}) and exponents of 7+ digits.
@@ -151,6 +153,5 @@ def _run(requests: list[tuple]) -> list:
     global _pool
     with _pool_lock:
         if _pool is None:
-            # A worker parses one answer at a time; a few overlap a batch's answers on a many-core host.
-            _pool = WorkerPool(size=max(1, min(4, (os.cpu_count() or 2) // 2)))
+            _pool = WorkerPool(size=WORKERS)
     return _pool.run(requests, DEADLINE_S)

@@ -169,13 +169,18 @@ def _math_verify_handlers() -> dict:
         """Plain-text operators (Python's power, the multiplication and division signs) as LaTeX."""
         return text.replace("**", "^").replace("×", "\\times ").replace("÷", "\\div ")
 
-    # math-verify hands plain expressions ("2*3+1") to sympy's parse_expr, which evaluates Python; its LaTeX parser
-    # reads the same text without eval.
-    math_verify.parser.parse_expr_cached = lambda text: math_verify.parser.parse_latex_cached(as_latex(text))
+    # math-verify hands a plain expression it finds ("2*3+1") to sympy's parse_expr, which evaluates Python. Extraction
+    # needs only its text, which `equal` then parses with the LaTeX parser: the expression stands for itself here.
+    math_verify.parser.parse_expr_cached = lambda text: text
 
     def extract(text: str) -> str | None:
+        # The string of the best-placed match is the answer whether or not it parses, so one parse is enough.
         found = parse(
-            text, [LatexExtractionConfig(), ExprExtractionConfig()], fallback_mode="first_match", parsing_timeout=None
+            text,
+            [LatexExtractionConfig(), ExprExtractionConfig()],
+            fallback_mode="first_match",
+            extraction_mode="first_match",
+            parsing_timeout=None,
         )
         strings = [item for item in found if isinstance(item, str)]
         if strings:

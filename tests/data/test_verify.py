@@ -3,6 +3,7 @@
 Timeouts on the garbage tests are hang guards (pytest-timeout), generous for a loaded machine, not benchmarks.
 """
 
+import sys
 import threading
 
 import pytest
@@ -237,6 +238,12 @@ def test_two_workers_answer_a_batch_in_order():
         assert pool.run(requests, deadline_s=30.0) == [True] * 6 + [False]
     finally:
         pool.close()
+
+
+def test_a_worker_that_cannot_start_is_reported_by_name(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match="math-verify answer checker did not start"):
+        WorkerPool(size=1).run([("extract", "so 5")], deadline_s=5.0)
 
 
 def test_plain_expressions_are_parsed_without_eval(handlers, monkeypatch):
