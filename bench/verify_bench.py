@@ -55,8 +55,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", help="a run's samples.jsonl: its responses make the default run's batch")
     parser.add_argument("--metrics", help="a run's metrics.jsonl: its median RL step_s is the yardstick")
-    parser.add_argument("--rollouts", type=int, default=32, help="default run batch: 8 prompts x 4 rollouts")
-    parser.add_argument("--math", type=int, default=256, help="MATH-style responses")
+    parser.add_argument("--rollouts", type=int, default=32, help="the run's batch: 8 prompts x 4 rollouts by default")
+    parser.add_argument("--math", type=int, default=256, help="MATH-style responses (0: none)")
     parser.add_argument("--workers", type=int, action="append", help="worker counts to time (default 1 and 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed batches, each on fresh workers; best kept")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -123,9 +123,9 @@ def worker_cpu_seconds() -> float:
 
 def main() -> None:
     args = parse_args()
-    batches = {"math_style": math_style_batch(args.math)}
-    if args.samples:
-        batches = {"default_run": default_run_batch(args.samples, args.rollouts), **batches}
+    batches = {"run": default_run_batch(args.samples, args.rollouts)} if args.samples else {}
+    if args.math:
+        batches["math_style"] = math_style_batch(args.math)
     step_s = None
     if args.metrics:
         with open(args.metrics) as file:
