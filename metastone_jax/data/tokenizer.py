@@ -89,9 +89,10 @@ class TextTokenizer:
         eos/pad names and the chat template, so that `from_file` reloads the same ids and prompts."""
         self._tokenizer.save(path)
         config = {
+            **self.prompt_format.tokenizer_config(),
+            # The ids this tokenizer resolved win over the template's variables of the same name.
             "eos_token": self._tokenizer.id_to_token(self.eos_id),
             "pad_token": self._tokenizer.id_to_token(self.pad_id),
-            **self.prompt_format.tokenizer_config(),
         }
         with open(os.path.join(os.path.dirname(path), "tokenizer_config.json"), "w", encoding="utf-8") as file:
             json.dump(config, file, indent=2, ensure_ascii=False)
@@ -152,7 +153,9 @@ def _read_tokenizer_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"tokenizer config {path} is not a JSON object")
     for key in TEMPLATE_TOKENS:
-        value = config.get(key)
+        value = config.pop(key, None)
         if isinstance(value, dict):  # older configs store an AddedToken dict
-            config[key] = value.get("content")
+            value = value.get("content")
+        if isinstance(value, str):
+            config[key] = value
     return config
