@@ -235,6 +235,8 @@ class TaskConfig:
     answer_field: str = "answer"
     # How a record's answer field is read: plain, GSM8K's "#### 42", the last \boxed{}, or auto (per record).
     answer_format: Literal[ANSWER_FORMATS] = "auto"
+    # Appended to each question of a model with a chat template; None: data.prompts.DEFAULT_INSTRUCTION, "": none.
+    instruction: str | None = None
 
 
 @section

@@ -67,10 +67,12 @@ def evaluate_records(
     modes: dict[str, int] | Sequence[str] = tuple(tts.MODES),
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    instruction: str | None = None,
 ) -> EvalResult:
     """Samples `num_samples` trajectories per record {"question", "answer"} and computes every metric per mode.
 
-    `modes`: names of tts.MODES (low, medium, high) or a {name: k} dict for other k.
+    `modes`: names of tts.MODES (low, medium, high) or a {name: k} dict for other k. Prompts are in the tokenizer's
+    prompt format with `instruction` (see data.prompts).
     """
     modes = modes if isinstance(modes, dict) else {mode: tts.MODES[mode] for mode in modes}
     too_big = [(mode, k) for mode, k in modes.items() if k > num_samples]
@@ -88,7 +90,7 @@ def evaluate_records(
     batches = range(0, len(records), per_call)
     for start in tqdm(batches, desc="evaluate", unit="batch", dynamic_ncols=True, disable=jax.process_index() > 0):
         chunk = records[start : start + per_call]
-        prompt_tokens, prompt_mask = encode_prompts(tokenizer, [r["question"] for r in chunk])
+        prompt_tokens, prompt_mask = encode_prompts(tokenizer, [r["question"] for r in chunk], instruction)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             out = sample(
                 module,
@@ -307,6 +309,7 @@ def _run(args) -> tuple[EvalResult, Path]:
         modes=config.eval.ks,
         seed=config.seed,
         mesh=model.mesh,
+        instruction=config.task.instruction,
     )
     return result, Path(args.out) if args.out else model_dir / "eval"
 

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import comms
 from metastone_jax.config import SamplingConfig
-from metastone_jax.data import TextTokenizer, format_prompt, pad_batch, reward
+from metastone_jax.data import TextTokenizer, pad_batch, rewards
 from metastone_jax.models.reflective import ReflectiveModel
 from metastone_jax.sampling import SampleOutput, sample, trajectory_scores
 from metastone_jax.sharding import DATA_AXIS, logical_rules, to_device, to_host
@@ -30,15 +30,19 @@ def bucket(length: int) -> int:
     return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
-def encode_prompts(tokenizer: TextTokenizer, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prompt ids and mask [B, P] (P bucketed) of the formatted questions."""
-    encoded = [tokenizer.encode(format_prompt(q)) for q in questions]
+def encode_prompts(
+    tokenizer: TextTokenizer, questions: Sequence[str], instruction: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt ids and mask [B, P] (P bucketed) of the questions in the tokenizer's prompt format."""
+    encoded = [tokenizer.encode(tokenizer.prompt_format.render(q, instruction)) for q in questions]
     return pad_batch(encoded, tokenizer.pad_id, length=bucket(max(map(len, encoded))), side="left")
 
 
-def sft_batch(tokenizer: TextTokenizer, questions: Sequence[str], solutions: Sequence[str]) -> dict[str, np.ndarray]:
+def sft_batch(
+    tokenizer: TextTokenizer, questions: Sequence[str], solutions: Sequence[str], instruction: str | None = None
+) -> dict[str, np.ndarray]:
     """tokens / attention_mask / loss_mask [B, T]: prompt then reference solution + EOS; the loss sees the solution."""
-    prompts = [tokenizer.encode(format_prompt(q)) for q in questions]
+    prompts = [tokenizer.encode(tokenizer.prompt_format.render(q, instruction)) for q in questions]
     responses = [tokenizer.encode(s) + [tokenizer.eos_id] for s in solutions]
     length = bucket(max(len(p) + len(r) for p, r in zip(prompts, responses)))
     tokens, mask = pad_batch([p + r for p, r in zip(prompts, responses)], tokenizer.pad_id, length=length, side="left")
@@ -103,21 +107,23 @@ def collect_rollouts(
     answers: Sequence[str],
     key: jax.Array,
     group_size: int,
+    instruction: str | None = None,
 ) -> Rollouts:
     """Samples, decodes and verifies G responses per question; builds the RL step's batch."""
-    prompt_tokens, prompt_mask = encode_prompts(tokenizer, questions)
+    prompt_tokens, prompt_mask = encode_prompts(tokenizer, questions, instruction)
     out: SampleOutput = sampler(params, prompt_tokens, prompt_mask, key)
     think_ids = tuple(tokenizer.think_ids) if tokenizer.think_ids else None
     step_mask, scores = score_trajectories(out, tuple(tokenizer.delimiter_ids), think_ids)
     sequences, response_mask = to_host(out.sequences), to_host(out.response_mask)
     responses = [tokenizer.decode(seq[m]) for seq, m in zip(sequences, response_mask)]
-    rewards = np.array([reward(text, answers[row // group_size]) for row, text in enumerate(responses)], np.float32)
+    # The SPRM's scores are still being computed on the device while the host checks the answers.
+    outcome = rewards(responses, [answers[row // group_size] for row in range(len(responses))])
     batch = {
         "tokens": sequences,
         "attention_mask": to_host(out.prompt_mask) | response_mask,
         "response_mask": response_mask,
-        "rewards": rewards,
-        "outcome": rewards,
+        "rewards": outcome,
+        "outcome": outcome,
         "step_mask": to_host(step_mask),
     }
     return Rollouts(batch, responses, to_host(scores), int(to_host(out.lengths).sum()))

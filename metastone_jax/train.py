@@ -171,11 +171,12 @@ class Trainer:
         return state
 
     def sft_phase(self, state: TrainState, steps: range) -> TrainState:
+        config = self.config
         sft_step = make_sft_step(self.module, self.algorithm, self.sft_tx, self.mesh)
         for step in steps:
             started = time.perf_counter()
             samples = next(self.data["sft"])
-            batch = sft_batch(self.tokenizer, samples["question"], samples["solution"])
+            batch = sft_batch(self.tokenizer, samples["question"], samples["solution"], config.task.instruction)
             state, metrics = sft_step(state, batch, phase=self.algorithm.phase(step))
             metrics = {k: float(v) for k, v in metrics.items()} | {"step_s": time.perf_counter() - started}
             self.end_step(StepEnd(step + 1, "sft", state, None, metrics))
@@ -199,7 +200,14 @@ class Trainer:
             samples = next(self.data["rl"])
             key = jax.random.fold_in(jax.random.key(config.seed), step)
             rollouts = collect_rollouts(
-                sampler, state.params, self.tokenizer, samples["question"], samples["answer"], key, config.rl.group_size
+                sampler,
+                state.params,
+                self.tokenizer,
+                samples["question"],
+                samples["answer"],
+                key,
+                config.rl.group_size,
+                config.task.instruction,
             )
             # The RL optimizer's update count is the number of RL steps taken.
             phase = self.algorithm.phase(step - config.sft.steps)
@@ -299,6 +307,7 @@ class Trainer:
             num_samples=config.eval.samples,
             modes=config.eval.ks,
             seed=config.seed,
+            instruction=config.task.instruction,
         )
         if self.is_lead:
             write_outputs(result, self.run_dir)
