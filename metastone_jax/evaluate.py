@@ -214,10 +214,22 @@ def print_table(result: EvalResult) -> None:
 
 
 def embedded_eval_records(task: ArithmeticTask, questions: int) -> list[dict[str, Any]]:
-    """Evaluation questions of the embedded task, never seen in training: they come from the task's eval split, a set
-    of question texts (by hash, data/arithmetic.py) that the training stream never draws, whatever the run's length,
-    seed or knobs. Their steps can be checked ("checkable_steps": True)."""
-    return [{**task.sample(EVAL_INDEX_OFFSET + i, "eval"), "checkable_steps": True} for i in range(questions)]
+    """`questions` distinct evaluation questions of the embedded task, never seen in training: they come from the
+    task's eval split, a set of question texts (by hash, data/arithmetic.py) that the training stream never draws,
+    whatever the run's length, seed or knobs. Their steps can be checked ("checkable_steps": True)."""
+    records: dict[str, dict[str, Any]] = {}
+    # The eval split holds few short questions (1/16 of a few thousand), so draws repeat; a bound ends tiny tasks.
+    for index in range(EVAL_INDEX_OFFSET, EVAL_INDEX_OFFSET + 100 * questions):
+        if len(records) == questions:
+            break
+        problem = task.sample(index, "eval")
+        records.setdefault(problem["question"], {**problem, "checkable_steps": True})
+    if len(records) < questions:
+        raise ValueError(
+            f"the embedded task's eval split gave only {len(records)} distinct questions, fewer than the {questions} "
+            "asked for; ask for fewer questions or widen the task (task.arithmetic.num_steps, operand_range)"
+        )
+    return list(records.values())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """`python -m metastone_jax.evaluate` end to end on a tiny random model, its metrics and outputs on hand-made samples,
 the held-out evaluation questions, and its messages for bad input."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -190,8 +191,22 @@ def test_evaluation_questions_are_never_among_the_default_runs_training_question
     batches = iter(arithmetic_dataset(task, config.sft.batch_size, shard_index=0, shard_count=1))
     trained = {q for _ in range(-(-drawn // config.sft.batch_size)) for q in next(batches)["question"]}
     evaluated = [record["question"] for record in embedded_eval_records(task, 4 * config.eval.questions)]
-    assert len(trained) > 5000 and len(set(evaluated)) > 100
+    assert len(trained) > 5000 and len(set(evaluated)) == len(evaluated) == 4 * config.eval.questions
     assert not trained.intersection(evaluated)
+
+
+def test_a_task_with_too_few_held_out_questions_is_refused():
+    # 81 one-step sums, of which the hash holds out 9 (counted here by the definition, SHA-256 mod 16).
+    held_out = {
+        f"{a} + {b}"
+        for a in range(1, 10)
+        for b in range(1, 10)
+        if int.from_bytes(hashlib.sha256(f"{a} + {b}".encode()).digest()[:8], "big") % 16 == 0
+    }
+    task = ArithmeticTask(num_steps=(1, 1), operators=("+",))
+    assert {r["question"] for r in embedded_eval_records(task, len(held_out))} == held_out
+    with pytest.raises(ValueError, match=f"only {len(held_out)} distinct questions, fewer than the 20"):
+        embedded_eval_records(task, 20)
 
 
 def test_two_processes_through_the_launcher_evaluate_like_one_process_with_two_devices(model_dir, tmp_path):
