@@ -34,6 +34,8 @@ def arithmetic_dataset(
 ) -> grain.IterDataset:
     """Batches of task samples, problem i = task.sample(i); num_examples=None is an endless stream.
 
+    These are the task's train split: no question text of the held-out eval split ever appears (data/arithmetic.py).
+
     Shards default to this JAX process; each shard takes every shard_count-th problem.
     """
     indices = grain.MapDataset.range(sys.maxsize if num_examples is None else num_examples)
