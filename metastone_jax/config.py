@@ -283,10 +283,15 @@ class RLConfig:
     # Responses per micro-batch of the update (of prompts_per_step x group_size; 0: one pass), as sft's; exact for
     # GRPO and SPR, at the cost of one more forward without gradient (metastone_jax.step.make_rl_step).
     micro_batch_size: Count = 0
+    # Prompts sampled at once, so that the KV cache of group_size responses each fits (0: all prompts_per_step).
+    rollout_batch_size: Count = 0
 
     def __post_init__(self):
         rows = self.prompts_per_step * self.group_size
         _check_micro_batch("rl.micro_batch_size", self.micro_batch_size, "rl.prompts_per_step x rl.group_size", rows)
+        _check_micro_batch(
+            "rl.rollout_batch_size", self.rollout_batch_size, "rl.prompts_per_step", self.prompts_per_step
+        )
 
 
 @section
