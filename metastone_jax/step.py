@@ -1,8 +1,9 @@
 """Pure train steps `(state, batch) -> (state, metrics)`: one shard_map manual over the replica axis `data`.
 
-Inside the shard_map each replica computes the gradient of its own slice of the batch and hands it to the
-communication algorithm (`comms.apply_gradients`); `fsdp` and `tensor` are left to the compiler through the
-logical-axis rules. Every TrainState leaf except `step` carries a leading replica dimension sharded over `data`.
+Inside the shard_map each replica computes the gradient of its own slice of the batch, micro-batch by micro-batch
+when the slice is split (a scan that adds the gradients), and hands it to the communication algorithm
+(`comms.apply_gradients`) once; `fsdp` and `tensor` are left to the compiler through the logical-axis rules.
+Every TrainState leaf except `step` carries a leading replica dimension sharded over `data`.
 
 The optimizer is two optimizers side by side: the policy's for every parameter outside params[HEAD] and the
 SPRM head's own AdamW for params[HEAD] (docs/algorithms.md), each with its own global-norm clipping, as the
