@@ -7,11 +7,13 @@ Lengths are rounded up to a multiple of `LENGTH_BUCKET` so that a run compiles e
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -62,41 +64,70 @@ class Rollouts:
     generated_tokens: int
 
 
-def make_replica_sampler(module: ReflectiveModel, mesh, config: SamplingConfig, eos_ids, pad_id: int, group_size: int):
-    """jit(shard_map): every replica samples `group_size` responses to its slice of the prompts with its own params.
+def make_replica_sampler(
+    module: ReflectiveModel,
+    mesh,
+    config: SamplingConfig,
+    eos_ids,
+    pad_id: int,
+    group_size: int,
+    rollout_batch_size: int = 0,
+):
+    """jit(shard_map): every replica samples `group_size` responses to its slice of the prompts with its own params,
+    `rollout_batch_size` prompts of the batch at a time (0: all), so that one chunk's KV cache is alive at a time.
 
-    Replicas' parameters may differ (decentralized algorithms); replica r draws with fold_in(key, r).
+    Prompt p of the batch draws from fold_in(key, p) (`sampling.sample` with a key per prompt), and each replica
+    chunks its own slice: the samples are those of one call, whatever the chunking. Replicas' parameters may
+    differ (decentralized algorithms).
     """
     rules = logical_rules(manual_axes=(DATA_AXIS,))
+    num_replicas = mesh.shape[DATA_AXIS]
 
-    def per_replica(params, prompt_tokens, prompt_mask, key):
-        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
-        with nn.logical_axis_rules(rules):
-            return sample(
-                module,
-                comms.strip_replica_dim(params),
-                prompt_tokens,
-                prompt_mask,
-                key,
-                config=config,
-                eos_ids=tuple(eos_ids),
-                pad_id=pad_id,
-                num_samples=group_size,
+    def per_replica(params, prompt_tokens, prompt_mask, key, chunks):
+        prompts = prompt_tokens.shape[0]
+        first_prompt = jax.lax.axis_index(DATA_AXIS) * prompts
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_prompt + jnp.arange(prompts))
+
+        def sample_chunk(chunk):
+            with nn.logical_axis_rules(rules):
+                return sample(
+                    module,
+                    comms.strip_replica_dim(params),
+                    *chunk,
+                    config=config,
+                    eos_ids=tuple(eos_ids),
+                    pad_id=pad_id,
+                    num_samples=group_size,
+                )
+
+        in_chunks = jax.tree.map(lambda x: x.reshape(chunks, -1, *x.shape[1:]), (prompt_tokens, prompt_mask, keys))
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), jax.lax.map(sample_chunk, in_chunks))
+
+    @functools.cache
+    def sampler(chunks):
+        return jax.jit(
+            jax.shard_map(
+                functools.partial(per_replica, chunks=chunks),
+                mesh=mesh,
+                in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
+                out_specs=P(DATA_AXIS),
+                axis_names={DATA_AXIS},
             )
-
-    sampler = jax.jit(
-        jax.shard_map(
-            per_replica,
-            mesh=mesh,
-            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
-            out_specs=P(DATA_AXIS),
-            axis_names={DATA_AXIS},
         )
-    )
+
     rows = NamedSharding(mesh, P(DATA_AXIS))
-    return lambda params, prompt_tokens, prompt_mask, key: sampler(
-        params, to_device(prompt_tokens, rows), to_device(prompt_mask, rows), key
-    )
+
+    def checked(params, prompt_tokens, prompt_mask, key):
+        prompts = prompt_tokens.shape[0]
+        per_call = rollout_batch_size or prompts
+        if prompts % per_call or per_call % num_replicas:
+            raise ValueError(
+                f"rollout_batch_size={per_call} must divide the {prompts} prompts and be a multiple of the "
+                f"{num_replicas} replicas of the `data` axis"
+            )
+        return sampler(prompts // per_call)(params, to_device(prompt_tokens, rows), to_device(prompt_mask, rows), key)
+
+    return checked
 
 
 def collect_rollouts(

@@ -172,7 +172,14 @@ class Trainer:
 
     def sft_phase(self, state: TrainState, steps: range) -> TrainState:
         config = self.config
-        sft_step = make_sft_step(self.module, self.algorithm, self.sft_tx, self.mesh)
+        sft_step = make_sft_step(
+            self.module,
+            self.algorithm,
+            self.sft_tx,
+            self.mesh,
+            micro_batch_size=config.sft.micro_batch_size,
+            logits_chunk=config.model.logits_chunk,
+        )
         for step in steps:
             started = time.perf_counter()
             samples = next(self.data["sft"])
@@ -185,7 +192,14 @@ class Trainer:
     def rl_phase(self, state: TrainState, ref_params: PyTree, steps: range) -> TrainState:
         config = self.config
         rl_step = make_rl_step(
-            self.module, self.algorithm, self.rl_tx, self.mesh, config.rl, config.sampling.temperature, config.seed
+            self.module,
+            self.algorithm,
+            self.rl_tx,
+            self.mesh,
+            config.rl,
+            config.sampling.temperature,
+            config.seed,
+            logits_chunk=config.model.logits_chunk,
         )
         sampler = make_replica_sampler(
             self.module,
@@ -194,6 +208,7 @@ class Trainer:
             (self.tokenizer.eos_id,),
             self.tokenizer.pad_id,
             config.rl.group_size,
+            config.rl.rollout_batch_size,
         )
         for step in steps:
             started = time.perf_counter()
