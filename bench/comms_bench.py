@@ -247,7 +247,7 @@ def train_quality(name, options, mesh, process_id: int, num_steps: int) -> dict:
 
 def child(args) -> None:
     """One process of the launch: measures (or trains) every algorithm, rank 0 prints one RESULT line each."""
-    from launch.local_cluster import initialize_from_env
+    from metastone_jax.distributed import initialize_from_env
 
     process_id, num_processes = initialize_from_env()
     import jax
