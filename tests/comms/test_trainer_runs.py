@@ -28,10 +28,9 @@ TINY = [
     "sft.warmup_steps=1",
     "rl.prompts_per_step=4",
     "rl.group_size=2",
-    "rl.max_new_tokens=12",
+    "sampling.max_new_tokens=12",
     "eval.questions=0",
     "checkpoint.async_save=false",
-    "log_every=1",
 ]
 DILOCO = ["comm.algorithm=diloco", "comm.options={inner_steps: 2, compression: int4}"]
 
@@ -54,6 +53,16 @@ def assert_trained(run_dir: Path, sft_steps: int, rl_steps: int) -> None:
     assert all(np.isfinite(m["loss"]) for m in got)
     sft = [m["loss"] for m in got if m["phase"] == "sft"]
     assert np.mean(sft[-2:]) < np.mean(sft[:2]) - 0.3
+
+
+def test_more_fragments_than_layers_stop_the_run_with_a_sentence_before_compiling(tmp_path, capsys):
+    from metastone_jax.train import main
+
+    options = "comm.options={inner_steps: 4, fragments: 4}"
+    assert main([*TINY, "mesh.data=2", "comm.algorithm=diloco", options, "--run-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "fragments=4 is more than the 2 rows of the leading axis of parameter" in error
+    assert "use fragments <= 2" in error
 
 
 @pytest.mark.slow
@@ -127,3 +136,25 @@ def test_diloco_killed_mid_round_resumes_with_the_same_metrics(tmp_path):
     got = [{k: v for k, v in m.items() if k not in drop} for m in metrics(killed)]
     assert [m["step"] for m in got] == list(range(1, 9))
     assert got == expected
+
+
+def sft_losses(tmp_path: Path, name: str, *overrides: str) -> list[float]:
+    from metastone_jax.config_loading import load_config
+    from metastone_jax.train import Trainer
+
+    run_dir = tmp_path / name
+    args = [*TINY, "sft.steps=64", "rl.steps=0", "checkpoint.every=0", "mesh.data=2", f"run_dir={run_dir}"]
+    Trainer(load_config(None, [*args, *overrides]), run_dir).run()
+    return [m["loss"] for m in metrics(run_dir)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_a_small_lm_trained_with_diloco_ends_within_5_percent_of_pmean(tmp_path):
+    # SFT of the tiny Qwen2 on 2 replicas for 64 updates (8 DiLoCo rounds of H = 8), the same batches under every
+    # algorithm; compared: the mean training loss over the last round (the replicas' losses, averaged).
+    pmean = sft_losses(tmp_path, "pmean")
+    for compression in ("none", "int4"):
+        options = f"comm.options={{inner_steps: 8, compression: {compression}}}"
+        diloco = sft_losses(tmp_path, compression, "comm.algorithm=diloco", options)
+        assert np.mean(diloco[-8:]) <= 1.05 * np.mean(pmean[-8:]), (compression, diloco[-8:], pmean[-8:])
