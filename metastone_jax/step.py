@@ -381,7 +381,11 @@ def make_rl_step(
         if micro_batches > 1:
             whole = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
             weights = spr_step_weights(
-                whole(step_logits), whole(micro["step_mask"]), whole(micro["outcome"]), (DATA_AXIS,)
+                whole(step_logits),
+                whole(micro["step_mask"]),
+                whole(micro["outcome"]),
+                (DATA_AXIS,),
+                config.spr_agreement_filter,
             )
             micro["spr_weights"] = weights.reshape(step_logits.shape)
             totals = Totals(token_count(batch["response_mask"]), weights.sum())
@@ -392,7 +396,11 @@ def make_rl_step(
             weights = micro_batch.get("spr_weights")
             if weights is None:  # one micro-batch: the kept steps of this very forward
                 weights = spr_step_weights(
-                    out.step_logits, micro_batch["step_mask"], micro_batch["outcome"], (DATA_AXIS,)
+                    out.step_logits,
+                    micro_batch["step_mask"],
+                    micro_batch["outcome"],
+                    (DATA_AXIS,),
+                    config.spr_agreement_filter,
                 )
             return rl_loss(
                 logprobs,
