@@ -285,6 +285,9 @@ class RLConfig:
     # The released recipe keeps only the steps whose prediction agrees with the outcome (losses.spr_step_weights);
     # false trains the head on every step, the outcome labelling them all.
     spr_agreement_filter: bool = True
+    # Train the head only on groups that hold both right and wrong responses: a group of one outcome labels every
+    # step of a question alike, which teaches how hard the question is and nothing that ranks its responses.
+    spr_mixed_groups_only: bool = False
     # The first RL steps train only the head (the policy's learning rate is 0), on rollouts of the starting policy.
     head_warmup_steps: Count = 0
     # Responses per micro-batch of the update (of prompts_per_step x group_size; 0: one pass), as sft's; exact for

@@ -132,6 +132,12 @@ def kl_k3(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array, count: 
     return token_mean(jnp.exp(log_ratio) - log_ratio - 1.0, mask, count)
 
 
+def mixed_groups(outcome: jax.Array, group_size: int) -> jax.Array:
+    """[B] bool: whether the group of each response (group_size consecutive rows) holds both a right and a wrong one."""
+    right = (outcome > 0.5).reshape(-1, group_size)
+    return jnp.repeat(right.any(axis=-1) & ~right.all(axis=-1), group_size)
+
+
 def spr_step_weights(
     step_logits: jax.Array,
     step_mask: jax.Array,

@@ -29,6 +29,7 @@ from metastone_jax.losses import (
     Totals,
     chunked_next_token_scores,
     group_advantages,
+    mixed_groups,
     rl_loss,
     sft_loss,
     spr_step_weights,
@@ -344,8 +345,12 @@ def make_rl_step(
         raise ValueError("make_rl_step needs a ReflectiveModel with_head=True: the SPR loss trains the SPRM head")
 
     def prepare(batch):
-        # Advantages on the global batch, so a group never straddles two replicas.
-        return {**batch, "advantages": group_advantages(batch["rewards"], config.group_size)}
+        # Advantages (and mixed groups) on the global batch, so a group never straddles two replicas.
+        batch = {**batch, "advantages": group_advantages(batch["rewards"], config.group_size)}
+        if config.spr_mixed_groups_only:
+            mixed = mixed_groups(batch["outcome"], config.group_size)[:, None]
+            batch["step_mask"] = (batch["step_mask"].astype(bool) & mixed).astype(batch["step_mask"].dtype)
+        return batch
 
     def policy_forward(params, micro_batch):
         return _forward(

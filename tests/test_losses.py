@@ -226,6 +226,16 @@ def test_spr_loss_with_the_filter_learns_nothing_from_a_head_that_agrees_with_no
     assert np.all(gradient[0] < 0) and np.all(gradient[1] > 0)
 
 
+def test_mixed_groups_mark_the_rows_of_groups_with_both_outcomes():
+    outcome = np.array([1, 0, 1, 1, 1, 1, 0, 0, 0, 0.3, 1, 0])  # groups of 3; 0.3 counts as wrong
+    want = []
+    for group in outcome.reshape(-1, 3):
+        want += [len({bool(y > 0.5) for y in group}) == 2] * 3
+    got = np.asarray(losses.mixed_groups(jnp.asarray(outcome), 3))
+    np.testing.assert_array_equal(got, want)
+    assert list(got) == [True] * 3 + [False] * 3 + [False] * 3 + [True] * 3
+
+
 def test_spr_counts_summed_over_four_devices_equal_the_whole_batchs_counts():
     rng = np.random.default_rng(7)
     num_devices, per_device = 4, 3
