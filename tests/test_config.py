@@ -279,7 +279,7 @@ def test_the_head_warmup_is_part_of_the_rl_steps():
 @pytest.mark.parametrize("name", [n for n in preset_names() if n != "tiny"])
 def test_scale_presets_keep_the_released_spr_recipe(name):
     rl = load_config(name).rl
-    assert rl.spr_agreement_filter and rl.head_warmup_steps == 0
+    assert rl.spr_agreement_filter and not rl.spr_mixed_groups_only and rl.head_warmup_steps == 0
     assert rl.sprm_backbone_grad_scale == RunConfig().rl.sprm_backbone_grad_scale == 1e-4
 
 
