@@ -215,6 +215,14 @@ class RLConfig:
     spr_coef: NonNegative = 1.0
     # Fraction of the SPR gradient that reaches the backbone (0 detaches the head).
     sprm_backbone_grad_scale: Annotated[float, Field(ge=0, le=1)] = 1e-4
+    # The released recipe keeps only the steps whose prediction agrees with the outcome (losses.spr_step_weights);
+    # false trains the head on every step, the outcome labelling them all.
+    spr_agreement_filter: bool = True
+    # Train the head only on groups that hold both right and wrong responses: a group of one outcome labels every
+    # step of a question alike, which teaches how hard the question is and nothing that ranks its responses.
+    spr_mixed_groups_only: bool = False
+    # The first RL steps train only the head (the policy's learning rate is 0), on rollouts of the starting policy.
+    head_warmup_steps: Count = 0
     # Responses per micro-batch of the update (of prompts_per_step x group_size; 0: one pass), as sft's; exact for
     # GRPO and SPR, at the cost of one more forward without gradient (metastone_jax.step.make_rl_step).
     micro_batch_size: Count = 0
@@ -222,6 +230,11 @@ class RLConfig:
     rollout_batch_size: Count = 0
 
     def __post_init__(self):
+        if self.head_warmup_steps > self.steps:
+            raise ValueError(
+                f"rl.head_warmup_steps={self.head_warmup_steps} exceeds rl.steps={self.steps}; the warm-up is the "
+                "first RL steps, so use at most rl.steps"
+            )
         rows = self.prompts_per_step * self.group_size
         _check_micro_batch("rl.micro_batch_size", self.micro_batch_size, "rl.prompts_per_step x rl.group_size", rows)
         _check_micro_batch(

@@ -25,6 +25,7 @@ from metastone_jax.losses import (
     Totals,
     chunked_next_token_scores,
     group_advantages,
+    mixed_groups,
     rl_loss,
     sft_loss,
     spr_step_weights,
@@ -211,8 +212,12 @@ def make_rl_step(
         raise ValueError("make_rl_step needs a ReflectiveModel with_head=True: the SPR loss trains the SPRM head")
 
     def prepare(batch):
-        # Advantages on the global batch, so a group never straddles two replicas.
-        return {**batch, "advantages": group_advantages(batch["rewards"], config.group_size)}
+        # Advantages (and mixed groups) on the global batch, so a group never straddles two replicas.
+        batch = {**batch, "advantages": group_advantages(batch["rewards"], config.group_size)}
+        if config.spr_mixed_groups_only:
+            mixed = mixed_groups(batch["outcome"], config.group_size)[:, None]
+            batch["step_mask"] = (batch["step_mask"].astype(bool) & mixed).astype(batch["step_mask"].dtype)
+        return batch
 
     def policy_forward(params, micro_batch):
         return _forward(
@@ -248,7 +253,11 @@ def make_rl_step(
         if micro_batches > 1:
             whole = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
             weights = spr_step_weights(
-                whole(step_logits), whole(micro["step_mask"]), whole(micro["outcome"]), (DATA_AXIS,)
+                whole(step_logits),
+                whole(micro["step_mask"]),
+                whole(micro["outcome"]),
+                (DATA_AXIS,),
+                config.spr_agreement_filter,
             )
             micro["spr_weights"] = weights.reshape(step_logits.shape)
             totals = Totals(token_count(batch["response_mask"]), weights.sum())
@@ -259,7 +268,11 @@ def make_rl_step(
             weights = micro_batch.get("spr_weights")
             if weights is None:  # one micro-batch: the kept steps of this very forward
                 weights = spr_step_weights(
-                    out.step_logits, micro_batch["step_mask"], micro_batch["outcome"], (DATA_AXIS,)
+                    out.step_logits,
+                    micro_batch["step_mask"],
+                    micro_batch["outcome"],
+                    (DATA_AXIS,),
+                    config.spr_agreement_filter,
                 )
             return rl_loss(
                 logprobs,

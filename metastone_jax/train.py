@@ -109,9 +109,13 @@ class Trainer:
         sft, rl = config.sft, config.rl
         sft_schedule = optax.linear_schedule(0.0, sft.learning_rate, max(sft.warmup_steps, 1))
         self.sft_tx = make_optimizer(self.algorithm, sft_schedule, head_learning_rate=optax.constant_schedule(0.0))
+        # The head's warm-up: the policy's learning rate is 0 for the first rl.head_warmup_steps updates.
+        rl_schedule = optax.join_schedules(
+            [optax.constant_schedule(0.0), optax.constant_schedule(rl.learning_rate)], [rl.head_warmup_steps]
+        )
         self.rl_tx = make_optimizer(
             self.algorithm,
-            optax.constant_schedule(rl.learning_rate),
+            rl_schedule,
             head_learning_rate=optax.constant_schedule(rl.head_learning_rate),
         )
         # Traced once here so that an algorithm's checks against the model (DiLoCo: fragments <= layers) stop the

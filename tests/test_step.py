@@ -153,7 +153,12 @@ def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2, 
         ]
         logits, step_logits = (jnp.concatenate(parts) for parts in zip(*((o.logits, o.step_logits) for o in outs)))
         logprobs, entropies = losses.next_token_scores(logits / temperature, half["tokens"])
-        weights = losses.spr_step_weights(step_logits, half["step_mask"], half["outcome"], axis_names=("data",))
+        step_mask = half["step_mask"]
+        if config.spr_mixed_groups_only:  # a replica's half is one group here: keep it when its outcomes differ
+            step_mask = step_mask & (half["outcome"].min() != half["outcome"].max())
+        weights = losses.spr_step_weights(
+            step_logits, step_mask, half["outcome"], ("data",), config.spr_agreement_filter
+        )
         return losses.rl_loss(
             logprobs,
             entropies,
@@ -177,14 +182,17 @@ def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2, 
     return update(params)
 
 
-@pytest.mark.parametrize("replicas, fsdp, micro_batch_size, logits_chunk", [(2, 2, 0, 0), (1, 4, 0, 0), (2, 2, 4, 5)])
+@pytest.mark.parametrize(
+    "replicas, fsdp, micro_batch_size, logits_chunk, agreement_filter, mixed_groups_only",
+    [(2, 2, 0, 0, True, False), (1, 4, 0, 0, False, False), (2, 2, 4, 5, True, False), (2, 2, 4, 5, False, True)],
+)
 def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_full_batch(
-    params, ref_params, replicas, fsdp, micro_batch_size, logits_chunk
+    params, ref_params, replicas, fsdp, micro_batch_size, logits_chunk, agreement_filter, mixed_groups_only
 ):
     # (1, 4): one replica, the model sharded over fsdp; XLA refuses an all-reduce over such a one-device manual
     # axis, so comms.pmean/psum must skip it. (2, 2, 4, 5): two micro-batches per replica and logits 5 positions
     # at a time; the reference is still one plain loss over each replica's whole part, with the micro-batches'
-    # dropout keys.
+    # dropout keys. The SPR agreement filter is switched in both the one-pass and the micro-batched step.
     mesh = _mesh(replicas, fsdp=fsdp)
     algorithm = comms.get("pmean")
     # A large eps keeps Adam's first step (≈ lr·sign(g)) smooth in g, so float rounding cannot flip a tiny gradient.
@@ -195,8 +203,11 @@ def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_fu
         entropy_coef=0.01,
         sprm_backbone_grad_scale=0.5,
         micro_batch_size=micro_batch_size,
+        spr_agreement_filter=agreement_filter,
+        spr_mixed_groups_only=mixed_groups_only,
     )
-    batch = rl_batch()
+    # With mixed_groups_only the first group (all right) leaves the SPR loss and the second (mixed) stays.
+    batch = rl_batch(outcome=np.array([1, 1, 1, 1, 0, 1, 1, 0], np.float32)) if mixed_groups_only else rl_batch()
     state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
     rl_step = step.make_rl_step(
         MODULE, algorithm, tx, mesh, config, temperature=0.7, dropout_seed=3, logits_chunk=logits_chunk
