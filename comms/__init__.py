@@ -4,7 +4,7 @@ Importable on its own: nothing here imports the model code. `comms.get(name, **o
 Importing the package registers every algorithm (each module registers its own with `comms.api.register`).
 """
 
-from comms import centralized, decentralized, local_sgd, onebit_adam
+from comms import centralized, decentralized, diloco, local_sgd, onebit_adam, powersgd
 from comms.api import (
     ALGORITHMS,
     CommAlgorithm,
@@ -26,10 +26,12 @@ __all__ = [
     "apply_gradients",
     "centralized",
     "decentralized",
+    "diloco",
     "get",
     "local_sgd",
     "onebit_adam",
     "pmean",
+    "powersgd",
     "psum",
     "register",
     "replicate",

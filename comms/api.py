@@ -4,17 +4,19 @@ A train step runs as a `jax.shard_map` that is manual over the replica axis (def
 `fsdp`/`tensor` to the compiler. Inside it every replica sees its own gradients, parameters and algorithm
 state *without* the replica dimension, and calls, in order:
 
-    params, state = algorithm.mix_parameters(params, state, step)         # before the optimizer (gossip)
-    grads, state = algorithm.reduce_gradients(grads, state, step)        # before the optimizer
-    updates, opt_state = tx.update(grads, opt_state, params)              # tx = algorithm.optimizer(...)
+    params, state = algorithm.mix_parameters(params, state, step, phase)   # before the optimizer (gossip)
+    grads, state = algorithm.reduce_gradients(grads, state, step, phase)  # before the optimizer
+    updates, opt_state = tx.update(grads, opt_state, params)               # tx = algorithm.optimizer(...)
     params = optax.apply_updates(params, updates)
-    params, state = algorithm.sync_parameters(params, state, step)        # after the optimizer
+    params, state = algorithm.sync_parameters(params, state, step, phase)  # after the optimizer
 
-An algorithm whose optimizer switches code paths over time (1-bit Adam's warm-up, then compressed momenta)
-names them with `phase(update)`. A caller that knows how many updates its optimizer has taken compiles one step
-per phase and passes it on (`apply_gradients(..., phase=...)`): the step then holds only that path. Without it
-the switch is a `lax.cond` on the optimizer's count, whose outputs XLA cannot write in place: for 1-bit Adam
-extra temporaries of a few times the parameters' bytes, filled and copied out every step (BENCHMARKS.md).
+An algorithm that switches code paths over time (1-bit Adam's warm-up, then compressed momenta; DiLoCo's inner
+steps and its synchronisations; PowerSGD's full-precision start) names them with `phase(update)`. A caller that
+knows how many updates its optimizer has taken compiles one step per phase and passes it on
+(`apply_gradients(..., phase=...)`, which hands it to the hooks and to the optimizer): the step then holds only
+that path. Without it (phase None) the switch is a `lax.cond` on a count in the state, whose outputs XLA cannot
+write in place: for 1-bit Adam extra temporaries of a few times the parameters' bytes, filled and copied out every
+step (BENCHMARKS.md).
 
 Outside the shard_map every per-replica leaf (parameters, optimizer state, algorithm state) carries a
 leading replica dimension sharded over the replica axis, so that algorithms that let replicas differ
@@ -97,15 +99,22 @@ class CommAlgorithm:
         """Per-replica algorithm state for one replica's `params` (error buffers, neighbour copies, ...)."""
         return ()
 
-    def reduce_gradients(self, grads: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
-        """What the replicas exchange before the optimizer; `step` is the 0-based global step."""
+    def reduce_gradients(
+        self, grads: PyTree, state: PyTree, step: jax.Array, phase: Hashable = None
+    ) -> tuple[PyTree, PyTree]:
+        """What the replicas exchange before the optimizer; `step` is the 0-based global step, `phase` this
+        update's `phase(update)` when the step is compiled per phase (None: decide at run time)."""
         return jax.tree.map(lambda g: pmean(g, self.axis_name), grads), state
 
-    def mix_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+    def mix_parameters(
+        self, params: PyTree, state: PyTree, step: jax.Array, phase: Hashable = None
+    ) -> tuple[PyTree, PyTree]:
         """What the replicas exchange of the parameters the gradients were computed at, before the optimizer."""
         return params, state
 
-    def sync_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+    def sync_parameters(
+        self, params: PyTree, state: PyTree, step: jax.Array, phase: Hashable = None
+    ) -> tuple[PyTree, PyTree]:
         """What the replicas exchange after the optimizer has updated their parameters."""
         return params, state
 
@@ -174,12 +183,12 @@ def apply_gradients(
 
     `phase`: `algorithm.phase(update)` for this update, known when the step is compiled; None decides at run time.
     """
-    params, comm_state = algorithm.mix_parameters(params, comm_state, step)
-    grads, comm_state = algorithm.reduce_gradients(grads, comm_state, step)
+    params, comm_state = algorithm.mix_parameters(params, comm_state, step, phase)
+    grads, comm_state = algorithm.reduce_gradients(grads, comm_state, step, phase)
     if phase is None:
         updates, opt_state = tx.update(grads, opt_state, params)
     else:
         updates, opt_state = optax.with_extra_args_support(tx).update(grads, opt_state, params, phase=phase)
     params = optax.apply_updates(params, updates)
-    params, comm_state = algorithm.sync_parameters(params, comm_state, step)
+    params, comm_state = algorithm.sync_parameters(params, comm_state, step, phase)
     return params, opt_state, comm_state

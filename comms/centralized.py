@@ -50,7 +50,7 @@ def zero_errors(tree: PyTree, num_replicas: int) -> ErrorFeedback:
     )
 
 
-def _sum_rows(rows: jax.Array) -> jax.Array:
+def sum_rows(rows: jax.Array) -> jax.Array:
     """Sums [n, ...] over n in index order (a fixed rounding order, whatever the backend's reduction does)."""
     return functools.reduce(operator.add, [rows[i] for i in range(rows.shape[0])])
 
@@ -65,13 +65,13 @@ def _unchunk(parts: Sequence[jax.Array], like: Sequence[jax.Array]) -> list[jax.
     return [part.reshape(-1)[: x.size].reshape(x.shape) for part, x in zip(parts, like)]
 
 
-def _exchange(parts: Sequence[jax.Array], collective: Callable[[jax.Array], jax.Array]) -> list[jax.Array]:
+def exchange_concatenated(parts: Sequence[jax.Array], collective: Callable[[jax.Array], jax.Array]) -> list[jax.Array]:
     """Runs one `collective` on all leaves' parts concatenated along the last axis, and splits the result back."""
     ends = list(itertools.accumulate(part.shape[-1] for part in parts))
     return jnp.split(collective(jnp.concatenate(parts, axis=-1)), ends[:-1], axis=-1)
 
 
-def _move_with_headers(
+def move_with_headers(
     payloads: Sequence[jax.Array], headers: Sequence[jax.Array], collective: Callable[[jax.Array], jax.Array]
 ) -> tuple[list[jax.Array], list[jax.Array]]:
     """One data-moving `collective` (all_to_all, all_gather) for uint8 payloads and float headers together.
@@ -80,7 +80,7 @@ def _move_with_headers(
     slow link) rather than two; both come back split and the headers in their own dtype.
     """
     header_bytes = [jax.lax.bitcast_convert_type(h, jnp.uint8).reshape(*h.shape[:-1], -1) for h in headers]
-    moved = _exchange([*payloads, *header_bytes], collective)
+    moved = exchange_concatenated([*payloads, *header_bytes], collective)
     moved_payloads, moved_headers = moved[: len(payloads)], moved[len(payloads) :]
     return moved_payloads, [
         jax.lax.bitcast_convert_type(b.reshape(*b.shape[:-1], -1, h.dtype.itemsize), h.dtype)
@@ -103,10 +103,10 @@ def bytegrad_allreduce(tree: PyTree, axis_name: str) -> PyTree:
     leaves, treedef = jax.tree.flatten(tree)
     codes, minmax = zip(*map(compress.minmax_uint8_compress, _chunks(leaves, num_replicas)))  # [n, chunk], [n, 2]
     # Row i of what arrives is replica i's encoding of the chunk this replica serves.
-    codes, minmax = _move_with_headers(codes, minmax, to_servers)
-    served = [_sum_rows(compress.minmax_uint8_decompress(c, m)) / num_replicas for c, m in zip(codes, minmax)]
+    codes, minmax = move_with_headers(codes, minmax, to_servers)
+    served = [sum_rows(compress.minmax_uint8_decompress(c, m)) / num_replicas for c, m in zip(codes, minmax)]
     codes, minmax = zip(*map(compress.minmax_uint8_compress, served))  # [chunk], [2]
-    codes, minmax = _move_with_headers(codes, minmax, from_servers)  # [n, chunk], [n, 2]
+    codes, minmax = move_with_headers(codes, minmax, from_servers)  # [n, chunk], [n, 2]
     decoded = [compress.minmax_uint8_decompress(c, m) for c, m in zip(codes, minmax)]
     return jax.tree.unflatten(treedef, _unchunk(decoded, leaves))
 
@@ -125,13 +125,13 @@ def onebit_allreduce(tree: PyTree, errors: ErrorFeedback, axis_name: str) -> tup
     )
     worker_errors = [e.reshape(-1) for e in worker_errors]
     # Every server needs every worker's scale of each leaf: row i of what arrives holds worker i's, [n, 1].
-    packed, scales = _move_with_headers(packed, [jnp.broadcast_to(s, (num_replicas, 1)) for s in scales], to_servers)
+    packed, scales = move_with_headers(packed, [jnp.broadcast_to(s, (num_replicas, 1)) for s in scales], to_servers)
     served = [
-        _sum_rows(compress.onebit_decompress(p, s[:, 0] / num_replicas)) + e  # [chunk]
+        sum_rows(compress.onebit_decompress(p, s[:, 0] / num_replicas)) + e  # [chunk]
         for p, s, e in zip(packed, scales, server_errors)
     ]
     packed, scales, server_errors = zip(*map(compress.onebit_compress, served))
-    packed, scales = _move_with_headers(packed, [s[None] for s in scales], from_servers)  # [n, chunk/8], [n, 1]
+    packed, scales = move_with_headers(packed, [s[None] for s in scales], from_servers)  # [n, chunk/8], [n, 1]
     decoded = [compress.onebit_decompress(p, s[:, 0]) for p, s in zip(packed, scales)]
     new_errors = ErrorFeedback(jax.tree.unflatten(treedef, worker_errors), jax.tree.unflatten(treedef, server_errors))
     return jax.tree.unflatten(treedef, _unchunk(decoded, leaves)), new_errors
@@ -142,7 +142,7 @@ def onebit_allreduce(tree: PyTree, errors: ErrorFeedback, axis_name: str) -> tup
 class ByteGrad(CommAlgorithm):
     """BAGUA's ByteGrad: two-phase 8-bit (MinMaxUInt8) gradient all-reduce, no error feedback."""
 
-    def reduce_gradients(self, grads, state, step):
+    def reduce_gradients(self, grads, state, step, phase=None):
         return bytegrad_allreduce(grads, self.axis_name), state
 
 
@@ -159,7 +159,7 @@ class OneBit(CommAlgorithm):
     def init(self, params):
         return zero_errors(params, jax.lax.axis_size(self.axis_name))
 
-    def reduce_gradients(self, grads, state, step):
+    def reduce_gradients(self, grads, state, step, phase=None):
         return onebit_allreduce(grads, state, self.axis_name)
 
 
@@ -197,17 +197,17 @@ class Hierarchical(CommAlgorithm):
         parts = jax.tree.unflatten(treedef, [part[0] for part in self._fast_parts(leaves)])
         return zero_errors(parts, jax.lax.axis_size(self.axis_name))
 
-    def reduce_gradients(self, grads, state, step):
+    def reduce_gradients(self, grads, state, step, phase=None):
         fast = jax.lax.axis_size(self.fast_axis_name)
         leaves, treedef = jax.tree.flatten(grads)
         scatter = functools.partial(
             jax.lax.psum_scatter, axis_name=self.fast_axis_name, scatter_dimension=0, tiled=True
         )
-        parts = [part[0] / fast for part in _exchange(self._fast_parts(leaves), scatter)]  # [padded / F]
+        parts = [part[0] / fast for part in exchange_concatenated(self._fast_parts(leaves), scatter)]  # [padded / F]
         parts = jax.tree.unflatten(treedef, parts)
         if self.compression == "onebit":
             parts, state = onebit_allreduce(parts, state, self.axis_name)
         else:
             parts = bytegrad_allreduce(parts, self.axis_name)
-        gathered = _exchange(jax.tree.leaves(parts), lambda x: jax.lax.all_gather(x, self.fast_axis_name))
+        gathered = exchange_concatenated(jax.tree.leaves(parts), lambda x: jax.lax.all_gather(x, self.fast_axis_name))
         return jax.tree.unflatten(treedef, _unchunk(gathered, leaves)), state

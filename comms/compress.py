@@ -1,7 +1,7 @@
-"""Compressors whose payloads go over the wire as `uint8`: 1-bit sign+scale and BAGUA's MinMaxUInt8.
+"""Compressors whose payloads go over the wire as `uint8`: 1-bit sign+scale, BAGUA's MinMaxUInt8 and block-wise int4.
 
-Every compressor works along the last axis, so a `[chunks, chunk_len]` array compresses chunk by chunk.
-Only the small per-chunk headers (a scale, or min and max) stay float32.
+Every compressor works along the last axis, so a `[chunks, chunk_len]` array compresses chunk by chunk (block by
+block). Only the small per-chunk headers (a scale, min and max, or the largest magnitude) stay float32.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ _BIT_SHIFTS = np.arange(7, -1, -1, dtype=np.uint8)[:, None]  # NumPy: importing 
 # MinMaxUInt8 keeps a zero range from dividing by zero (BAGUA's constant).
 _MINMAX_EPS = 1e-7
 _LEVELS = 255.0
+# Symmetric 4-bit codes -7..7 (15 levels, zero exact), stored as code + 8 in a nibble.
+_INT4_LEVELS = 7
+_INT4_OFFSET = 8
 
 
 def padded_size(numel: int, multiple: int) -> int:
@@ -102,3 +105,27 @@ def minmax_uint8_decompress(codes: jax.Array, minmax: jax.Array) -> jax.Array:
     # with the constant 1/255 is left alone, so every backend and the NumPy reference round alike.
     inverse_scale = (minmax[..., 1:2] - minmax[..., 0:1] + _MINMAX_EPS) * (1 / _LEVELS)
     return (codes.astype(minmax.dtype) + lower) * inverse_scale
+
+
+def int4_compress(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric 4-bit quantization of each row of [..., 2*m]: (packed codes [..., m] uint8, largest magnitude [...]).
+
+    code = rint(x * 7 / max|x|) in -7..7, so the row's largest value is exact and zero stays zero. Nibbles in planar
+    order, as the signs: byte i holds value i in its low nibble and value m + i in its high one.
+    """
+    if x.shape[-1] % 2:
+        raise ValueError(f"int4_compress needs a last axis of even length, got shape {x.shape}")
+    largest = jnp.max(jnp.abs(x), axis=-1)
+    # An all-zero row has no scale; its codes are zero (the unused branch's inf is never read).
+    inverse = jnp.where(largest > 0, _INT4_LEVELS / largest, 0).astype(x.dtype)
+    # |x * inverse| <= 7 up to two roundings, so rint never reaches 8: no clipping needed.
+    codes = (jnp.rint(x * inverse[..., None]).astype(jnp.int32) + _INT4_OFFSET).astype(jnp.uint8)
+    low, high = jnp.split(codes, 2, axis=-1)
+    return low | (high << 4), largest
+
+
+def int4_decompress(packed: jax.Array, largest: jax.Array) -> jax.Array:
+    """The inverse of `int4_compress`: code * (max|x| * (1/7)) as [..., 2*m] in `largest`'s dtype."""
+    codes = jnp.concatenate([packed & 15, packed >> 4], axis=-1).astype(largest.dtype) - _INT4_OFFSET
+    # A product with the constant 1/7, not a division, for the reason given in `minmax_uint8_decompress`.
+    return codes * (largest * (1 / _INT4_LEVELS))[..., None]

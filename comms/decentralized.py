@@ -13,6 +13,7 @@ the optimizer step (its post-optimizer-step hook) and sends only MinMaxUInt8-com
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable
 from typing import ClassVar
 
 import jax
@@ -75,10 +76,14 @@ class Decentralized(CommAlgorithm):
                 f"decentralized peer_mode {self.peer_mode!r} is unknown; choose one of: {', '.join(PEER_MODES)}"
             )
 
-    def reduce_gradients(self, grads: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+    def reduce_gradients(
+        self, grads: PyTree, state: PyTree, step: jax.Array, phase: Hashable = None
+    ) -> tuple[PyTree, PyTree]:
         return grads, state
 
-    def mix_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+    def mix_parameters(
+        self, params: PyTree, state: PyTree, step: jax.Array, phase: Hashable = None
+    ) -> tuple[PyTree, PyTree]:
         """mix(x_t): the peer average of the parameters the gradient was computed at."""
         if self.peer_mode == "all":
             return jax.tree.map(lambda x: pmean(x, self.axis_name), params), state
@@ -132,10 +137,14 @@ class LowPrecisionDecentralized(CommAlgorithm):
     def init(self, params: PyTree) -> PyTree:
         return {"own": params, "left": params, "right": params}
 
-    def reduce_gradients(self, grads: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+    def reduce_gradients(
+        self, grads: PyTree, state: PyTree, step: jax.Array, phase: Hashable = None
+    ) -> tuple[PyTree, PyTree]:
         return grads, state
 
-    def sync_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+    def sync_parameters(
+        self, params: PyTree, state: PyTree, step: jax.Array, phase: Hashable = None
+    ) -> tuple[PyTree, PyTree]:
         """One ring exchange of compressed differences after the optimizer step."""
         third = 1.0 / 3.0
         diff = jax.tree.map(

@@ -8,6 +8,7 @@ steps instead of one gradient all-reduce per step. Optimizer state stays local, 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable
 from typing import ClassVar
 
 import jax
@@ -30,10 +31,14 @@ class LocalSGD(CommAlgorithm):
                 f"local_sgd period must be a positive integer (steps between averagings), got {self.period!r}"
             )
 
-    def reduce_gradients(self, grads: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+    def reduce_gradients(
+        self, grads: PyTree, state: PyTree, step: jax.Array, phase: Hashable = None
+    ) -> tuple[PyTree, PyTree]:
         return grads, state
 
-    def sync_parameters(self, params: PyTree, state: PyTree, step: jax.Array) -> tuple[PyTree, PyTree]:
+    def sync_parameters(
+        self, params: PyTree, state: PyTree, step: jax.Array, phase: Hashable = None
+    ) -> tuple[PyTree, PyTree]:
         """pmean of the parameters when (step + 1) % period == 0; the all-reduce runs only on those steps."""
 
         def average(tree):

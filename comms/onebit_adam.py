@@ -67,7 +67,7 @@ class _CompressedAdam(CommAlgorithm):
         """Compressed average of one replica's momentum over `axis_name` (per leaf, as the gradients)."""
         raise NotImplementedError
 
-    def reduce_gradients(self, grads, state, step):
+    def reduce_gradients(self, grads, state, step, phase=None):
         return grads, state  # the optimizer communicates
 
     def phase(self, update: int) -> Literal["warmup", "compressed"]:

@@ -118,6 +118,9 @@ class Trainer:
             rl_schedule,
             head_learning_rate=optax.constant_schedule(rl.head_learning_rate),
         )
+        # Traced once here so that an algorithm's checks against the model (DiLoCo: fragments <= layers) stop the
+        # run as bad input before anything is compiled.
+        abstract_train_state(self.module, self.algorithm, self.rl_tx, self.mesh)
         # Built here, so that a malformed data file stops the run before anything is compiled.
         self.data = {}
         if sft.steps:

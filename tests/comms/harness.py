@@ -135,8 +135,12 @@ def replay(algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, ini
     mesh = replica_mesh(num_replicas, algorithm.axis_name)
     spec, history_spec = P(algorithm.axis_name), P(None, algorithm.axis_name)
 
-    def run(params, gradients):
-        params = comms.strip_replica_dim(params)
+    def init_states(params):
+        local = comms.strip_replica_dim(params)
+        return comms.add_replica_dim(tx.init(local)), comms.add_replica_dim(algorithm.init(local))
+
+    def run(params, opt_state, comm_state, gradients):
+        carry = tuple(map(comms.strip_replica_dim, (params, opt_state, comm_state)))
         gradients = jax.tree.map(lambda g: g[:, 0], gradients)
 
         def one_step(carry, inputs):
@@ -145,9 +149,10 @@ def replay(algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, ini
             return carry, carry[0]
 
         num_steps = jax.tree.leaves(gradients)[0].shape[0]
-        carry = (params, tx.init(params), algorithm.init(params))
         _, history = jax.lax.scan(one_step, carry, (gradients, jnp.arange(num_steps, dtype=jnp.int32)))
         return jax.tree.map(lambda h: h[:, None], history)
 
-    run = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(spec, history_spec), out_specs=history_spec))
-    return jax.tree.map(np.asarray, run(initial_params, gradients))
+    # The states enter the step as per-replica inputs, as in a train step (the init is a program of its own).
+    init_fn = jax.jit(jax.shard_map(init_states, mesh=mesh, in_specs=spec, out_specs=spec))
+    run = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, history_spec), out_specs=history_spec))
+    return jax.tree.map(np.asarray, run(initial_params, *init_fn(initial_params), gradients))

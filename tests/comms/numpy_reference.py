@@ -101,3 +101,46 @@ def onebit_zero_errors(tensors: dict, n: int, multiple: int) -> tuple[dict, dict
         {name: np.zeros((n, size), F32) for name, size in padded.items()},
         {name: np.zeros((n, size // n), F32) for name, size in padded.items()},
     )
+
+
+def int4_encode(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Symmetric 4-bit codes of a 1-D block: (codes -7..7 as int8, largest magnitude); an all-zero block codes 0."""
+    largest = np.abs(x).max()
+    inverse = F32(7) / largest if largest > 0 else F32(0)
+    return np.rint(x * inverse).astype(np.int8), largest
+
+
+def int4_decode(codes: np.ndarray, largest) -> np.ndarray:
+    return codes.astype(F32) * (largest * F32(1 / 7))
+
+
+def int4_pack(codes: np.ndarray) -> np.ndarray:
+    """Two codes (+8) per byte: byte i holds code i in its low nibble and code m + i in its high one (m = len / 2)."""
+    nibbles = (codes.astype(np.int16) + 8).astype(np.uint8)
+    low, high = np.split(nibbles, 2)
+    return low | (high << 4)
+
+
+BLOCK_ROUNDTRIPS = {
+    "int8": minmax_roundtrip,
+    "int4": lambda x: int4_decode(*int4_encode(x)),
+    "onebit": lambda x: x - onebit_quantize(x)[2],
+}
+
+
+def block_roundtrip(x: np.ndarray, compression: str, block: int) -> np.ndarray:
+    """What the receiver decodes of `x` (any shape) sent as blocks of `block` values (the last zero-padded)."""
+    flat = pad(x.reshape(-1), block).reshape(-1, block)
+    decoded = np.stack([BLOCK_ROUNDTRIPS[compression](row) for row in flat])
+    return decoded.reshape(-1)[: x.size].reshape(x.shape)
+
+
+def gram_schmidt(matrix: np.ndarray) -> np.ndarray:
+    """Orthonormal columns in column order (Vogels et al. 2019, Algorithm 1); a zero column stays zero."""
+    columns = [matrix[:, i].astype(F32) for i in range(matrix.shape[1])]
+    for i in range(len(columns)):
+        norm = np.sqrt(np.sum(columns[i].astype(np.float64) ** 2)).astype(F32)
+        columns[i] = columns[i] / norm if norm > 0 else np.zeros_like(columns[i])
+        for j in range(i + 1, len(columns)):
+            columns[j] = columns[j] - np.sum(columns[i] * columns[j]) * columns[i]
+    return np.stack(columns, axis=1)

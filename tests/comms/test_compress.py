@@ -98,3 +98,33 @@ def test_minmax_uint8_rounds_half_to_even():
     codes = np.asarray(compress.minmax_uint8_compress(jnp.asarray(x))[0])
     floors = np.floor(x[2:] * scale)
     np.testing.assert_array_equal(codes[2:], np.where(floors % 2 == 0, floors, floors + 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_int4_codes_packing_and_decoding_equal_numpy_bitwise(seed):
+    x = _values((5, 64), seed=seed) * (10.0**seed)
+    x[3] = 0.0  # an all-zero block: zero codes, no division by zero
+    packed, largest = compress.int4_compress(jnp.asarray(x))
+    decoded = np.asarray(compress.int4_decompress(packed, largest))
+    assert packed.dtype == jnp.uint8 and packed.shape == (5, 32)
+    for row in range(5):
+        codes, want_largest = ref.int4_encode(x[row])
+        np.testing.assert_array_equal(np.asarray(packed[row]), ref.int4_pack(codes))
+        np.testing.assert_array_equal(np.asarray(largest[row]), want_largest)
+        np.testing.assert_array_equal(decoded[row], ref.int4_decode(codes, want_largest))
+    np.testing.assert_array_equal(decoded[3], np.zeros(64, np.float32))
+
+
+def test_int4_error_is_at_most_half_a_level_and_the_largest_magnitude_is_kept():
+    x = _values((4, 256), seed=4)
+    decoded = np.asarray(compress.int4_decompress(*compress.int4_compress(jnp.asarray(x))))
+    level = np.abs(x).max(axis=1, keepdims=True) / 7
+    assert np.all(np.abs(decoded - x) <= level * (0.5 + 1e-6))
+    rows = np.arange(4)
+    largest_at = np.abs(x).argmax(axis=1)
+    np.testing.assert_allclose(decoded[rows, largest_at], x[rows, largest_at], rtol=1e-6)
+
+
+def test_int4_rejects_an_odd_block():
+    with pytest.raises(ValueError, match="even length"):
+        compress.int4_compress(jnp.ones((3,)))
