@@ -56,6 +56,11 @@ def _existing_file(path: str) -> str:
     return path
 
 
+def _check_micro_batch(name: str, size: int, whole_name: str, whole: int) -> None:
+    if size and whole % size:
+        raise ValueError(f"{name}={size} does not divide {whole_name}={whole}; use a divisor of it, or 0 for all")
+
+
 @section
 class Qwen2Config:
     """Architecture of a Qwen2 causal LM (the policy) and of its SPRM head; the defaults are Qwen2-1.5B's."""
@@ -176,6 +181,9 @@ class ModelConfig:
     dtype: Dtype = "bfloat16"  # activations
     param_dtype: Dtype = "float32"
     remat: bool = True  # recompute each layer in the backward pass (memory for compute)
+    # Positions whose [batch, chunk, vocab] logits the losses hold at once, recomputed in the backward pass (0: the
+    # whole sequence): the float32 logits of long sequences over a 150k vocabulary do not fit otherwise.
+    logits_chunk: Count = 0
     scan_layers: bool = True  # one compiled layer body; false unrolls the stack (faster on CPU, slower to compile)
 
     def qwen2_config(self) -> Qwen2Config:
@@ -235,6 +243,8 @@ class TaskConfig:
     answer_field: str = "answer"
     # How a record's answer field is read: plain, GSM8K's "#### 42", the last \boxed{}, or auto (per record).
     answer_format: Literal[ANSWER_FORMATS] = "auto"
+    # Appended to each question of a model with a chat template; None: data.prompts.DEFAULT_INSTRUCTION, "": none.
+    instruction: str | None = None
 
 
 @section
@@ -246,6 +256,12 @@ class SFTConfig:
     batch_size: PositiveCount = 32
     learning_rate: NonNegative = 1e-5
     warmup_steps: Count = 20
+    # Rows per micro-batch: one update accumulates the gradients of batch_size / micro_batch_size forward-backward
+    # passes (0: one pass), equal to the one-pass update. A multiple of the `data` axis size.
+    micro_batch_size: Count = 0
+
+    def __post_init__(self):
+        _check_micro_batch("sft.micro_batch_size", self.micro_batch_size, "sft.batch_size", self.batch_size)
 
 
 @section
@@ -266,6 +282,18 @@ class RLConfig:
     spr_coef: NonNegative = 1.0
     # Fraction of the SPR gradient that reaches the backbone (0 detaches the head).
     sprm_backbone_grad_scale: Annotated[float, Field(ge=0, le=1)] = 1e-4
+    # Responses per micro-batch of the update (of prompts_per_step x group_size; 0: one pass), as sft's; exact for
+    # GRPO and SPR, at the cost of one more forward without gradient (metastone_jax.step.make_rl_step).
+    micro_batch_size: Count = 0
+    # Prompts sampled at once, so that the KV cache of group_size responses each fits (0: all prompts_per_step).
+    rollout_batch_size: Count = 0
+
+    def __post_init__(self):
+        rows = self.prompts_per_step * self.group_size
+        _check_micro_batch("rl.micro_batch_size", self.micro_batch_size, "rl.prompts_per_step x rl.group_size", rows)
+        _check_micro_batch(
+            "rl.rollout_batch_size", self.rollout_batch_size, "rl.prompts_per_step", self.prompts_per_step
+        )
 
 
 @section

@@ -172,11 +172,19 @@ class Trainer:
         return state
 
     def sft_phase(self, state: TrainState, steps: range) -> TrainState:
-        sft_step = make_sft_step(self.module, self.algorithm, self.sft_tx, self.mesh)
+        config = self.config
+        sft_step = make_sft_step(
+            self.module,
+            self.algorithm,
+            self.sft_tx,
+            self.mesh,
+            micro_batch_size=config.sft.micro_batch_size,
+            logits_chunk=config.model.logits_chunk,
+        )
         for step in steps:
             started = time.perf_counter()
             samples = next(self.data["sft"])
-            batch = sft_batch(self.tokenizer, samples["question"], samples["solution"])
+            batch = sft_batch(self.tokenizer, samples["question"], samples["solution"], config.task.instruction)
             state, metrics = sft_step(state, batch, phase=self.algorithm.phase(step))
             metrics = {k: float(v) for k, v in metrics.items()} | {"step_s": time.perf_counter() - started}
             self.end_step(StepEnd(step + 1, "sft", state, None, metrics))
@@ -185,7 +193,14 @@ class Trainer:
     def rl_phase(self, state: TrainState, ref_params: PyTree, steps: range) -> TrainState:
         config = self.config
         rl_step = make_rl_step(
-            self.module, self.algorithm, self.rl_tx, self.mesh, config.rl, config.sampling.temperature, config.seed
+            self.module,
+            self.algorithm,
+            self.rl_tx,
+            self.mesh,
+            config.rl,
+            config.sampling.temperature,
+            config.seed,
+            logits_chunk=config.model.logits_chunk,
         )
         sampler = make_replica_sampler(
             self.module,
@@ -194,13 +209,21 @@ class Trainer:
             (self.tokenizer.eos_id,),
             self.tokenizer.pad_id,
             config.rl.group_size,
+            config.rl.rollout_batch_size,
         )
         for step in steps:
             started = time.perf_counter()
             samples = next(self.data["rl"])
             key = jax.random.fold_in(jax.random.key(config.seed), step)
             rollouts = collect_rollouts(
-                sampler, state.params, self.tokenizer, samples["question"], samples["answer"], key, config.rl.group_size
+                sampler,
+                state.params,
+                self.tokenizer,
+                samples["question"],
+                samples["answer"],
+                key,
+                config.rl.group_size,
+                config.task.instruction,
             )
             # The RL optimizer's update count is the number of RL steps taken.
             phase = self.algorithm.phase(step - config.sft.steps)
@@ -300,6 +323,7 @@ class Trainer:
             num_samples=config.eval.samples,
             modes=config.eval.ks,
             seed=config.seed,
+            instruction=config.task.instruction,
         )
         if self.is_lead:
             write_outputs(result, self.run_dir)

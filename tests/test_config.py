@@ -261,6 +261,15 @@ def test_missing_files_and_tokenizer_are_reported(tmp_path):
     assert "model.tokenizer" in _error(None, [f"task.files=[{data}]"])
 
 
+def test_micro_and_rollout_batch_sizes_must_divide_their_batches():
+    message = _error(None, ["rl.micro_batch_size=6"])  # tiny: 8 prompts x 4 responses
+    assert "rl.micro_batch_size=6 does not divide rl.prompts_per_step x rl.group_size=32" in message
+    assert "sft.micro_batch_size=5 does not divide sft.batch_size=32" in _error(None, ["sft.micro_batch_size=5"])
+    assert "rl.rollout_batch_size=3 does not divide rl.prompts_per_step=8" in _error(None, ["rl.rollout_batch_size=3"])
+    config = load_config(None, ["rl.micro_batch_size=8", "rl.rollout_batch_size=4", "model.logits_chunk=16"])
+    assert (config.rl.micro_batch_size, config.rl.rollout_batch_size, config.model.logits_chunk) == (8, 4, 16)
+
+
 def test_mesh_with_two_open_axes_is_refused():
     assert "at most one axis may be -1" in _error(None, ["mesh.data=-1"])
 

@@ -1,5 +1,6 @@
-"""RL batches cut to the columns their rollouts use: the same columns as by hand, and the same RL step as on the
-fully padded batch (loss, metrics, gradients and updated parameters), on rows of very different lengths."""
+"""The RL sampler and the RL batch: rollouts sampled in chunks of prompts equal one call, each prompt sampled by its
+replica; the batch cut to the columns its rollouts use gives the same RL step as the fully padded batch (loss,
+metrics, gradients and updated parameters), on rows of very different lengths, with and without micro-batches."""
 
 import jax
 import jax.numpy as jnp
@@ -9,23 +10,78 @@ import pytest
 
 import comms
 from metastone_jax import step
-from metastone_jax.config import MeshConfig, Qwen2Config, RLConfig
+from metastone_jax.config import MeshConfig, Qwen2Config, RLConfig, SamplingConfig
 from metastone_jax.models.reflective import ReflectiveModel, init_params
 from metastone_jax.models.sprm import step_score_mask
-from metastone_jax.rollout import trained_width, trim_unused_columns
+from metastone_jax.rollout import make_replica_sampler, replica_params, trained_width, trim_unused_columns
+from metastone_jax.sampling import sample
 from metastone_jax.sharding import make_mesh
 
 CONFIG = Qwen2Config(
-    vocab_size=32,
+    vocab_size=40,
     hidden_size=16,
     intermediate_size=32,
     num_hidden_layers=2,
     num_attention_heads=2,
     num_key_value_heads=1,
-    max_position_embeddings=128,
+    initializer_range=0.3,
 )
 MODULE = ReflectiveModel(CONFIG)
-GROUP = 4
+SAMPLING = SamplingConfig(max_new_tokens=6, temperature=1.0)
+EOS, PAD, GROUP = 3, 0, 2
+
+
+def _prompts(count=4, width=5, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = 1 + np.arange(count) % width
+    tokens = np.where(np.arange(width) >= width - lengths[:, None], rng.integers(4, 40, (count, width)), PAD)
+    return tokens.astype(np.int32), tokens != PAD
+
+
+def test_rollouts_in_chunks_of_prompts_equal_one_call_and_each_prompt_sampled_alone_by_its_replica():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=1), jax.devices()[:4])
+    params = init_params(MODULE, jax.random.key(0))
+    # Replicas with different parameters, as decentralized algorithms leave them.
+    other = jax.tree.map(lambda x: x * 1.1, init_params(MODULE, jax.random.key(1)))
+    state_params = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, other)
+    tokens, mask = _prompts()
+    key = jax.random.key(7)
+    outputs = {
+        size: make_replica_sampler(MODULE, mesh, SAMPLING, (EOS,), PAD, GROUP, size)(state_params, tokens, mask, key)
+        for size in (0, 2)  # all 4 prompts at once; 2 at a time (one per replica)
+    }
+    for name in ("sequences", "response_mask", "lengths"):
+        np.testing.assert_array_equal(getattr(outputs[2], name), getattr(outputs[0], name))
+    np.testing.assert_allclose(outputs[2].step_logits, outputs[0].step_logits, atol=1e-5)
+    lengths = np.asarray(outputs[0].lengths)
+    assert lengths.min() < SAMPLING.max_new_tokens  # some rows stopped at EOS
+    for prompt in range(4):  # prompts 0, 1 on replica 0, prompts 2, 3 on replica 1; prompt p draws from fold_in(key, p)
+        alone = sample(
+            MODULE,
+            replica_params(state_params, prompt // 2),
+            tokens[prompt : prompt + 1],
+            mask[prompt : prompt + 1],
+            jax.random.fold_in(key, prompt)[None],
+            config=SAMPLING,
+            eos_ids=(EOS,),
+            pad_id=PAD,
+            num_samples=GROUP,
+        )
+        rows = slice(GROUP * prompt, GROUP * prompt + GROUP)
+        np.testing.assert_array_equal(np.asarray(outputs[0].sequences)[rows], np.asarray(alone.sequences))
+
+
+def test_rollout_batch_size_that_does_not_split_the_prompts_over_the_replicas_is_named():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=1), jax.devices()[:2])
+    tokens, mask = _prompts()
+    for size in (3, 1):  # does not divide the 4 prompts; not a multiple of the 2 replicas
+        sampler = make_replica_sampler(MODULE, mesh, SAMPLING, (EOS,), PAD, GROUP, size)
+        with pytest.raises(ValueError, match=f"rollout_batch_size={size} must divide the 4 prompts and be a multiple"):
+            sampler(None, tokens, mask, jax.random.key(0))
+
+
+# ---- the RL batch cut to the columns its rollouts use
+
 PROMPT, NEW = 16, 48  # the sampler's frame: prompts left-padded to 16, responses padded to 48 new tokens
 PROMPT_LENGTHS = [2, 9, 5, 3, 8, 4, 6, 7]
 RESPONSE_LENGTHS = [1, 19, 4, 12, 2, 17, 8, 6]
@@ -87,26 +143,37 @@ def capture_gradients() -> optax.GradientTransformation:
     )
 
 
-def _one_step(tx, batch, params, ref_params, replicas):
+def _one_step(tx, batch, params, ref_params, replicas, micro_batch_size=0, logits_chunk=0):
     mesh = _mesh(replicas)
     algorithm = comms.get("pmean")
-    config = RLConfig(group_size=GROUP, kl_coef=0.1, entropy_coef=0.01, sprm_backbone_grad_scale=0.5)
+    config = RLConfig(
+        group_size=GROUP,
+        kl_coef=0.1,
+        entropy_coef=0.01,
+        sprm_backbone_grad_scale=0.5,
+        micro_batch_size=micro_batch_size,
+    )
     state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
-    rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, config, temperature=0.7, dropout_seed=3)
+    rl_step = step.make_rl_step(
+        MODULE, algorithm, tx, mesh, config, temperature=0.7, dropout_seed=3, logits_chunk=logits_chunk
+    )
     state, metrics = rl_step(state, batch, ref_params)
     return state, {k: float(v) for k, v in metrics.items()}
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_rl_step_on_the_trimmed_batch_equals_the_step_on_the_padded_batch(replicas):
+# One replica; two; two with micro-batches of 4 rows (2 per replica) and logits 12 positions at a time (a width that
+# divides neither the trimmed 32 columns nor the padded 64).
+@pytest.mark.parametrize("replicas, micro_batch_size, logits_chunk", [(1, 0, 0), (2, 0, 0), (2, 4, 12)])
+def test_rl_step_on_the_trimmed_batch_equals_the_step_on_the_padded_batch(replicas, micro_batch_size, logits_chunk):
     params, ref_params = init_params(MODULE, jax.random.key(0)), init_params(MODULE, jax.random.key(1))
     batch = padded_rollouts()
     trimmed = trim_unused_columns(batch)
     assert trimmed["tokens"].shape[1] == 32 < batch["tokens"].shape[1] == 64
+    options = (replicas, micro_batch_size, logits_chunk)
 
     # Gradients: an optimizer that keeps them as its state.
-    padded_state, padded_metrics = _one_step(capture_gradients(), batch, params, ref_params, replicas)
-    trimmed_state, trimmed_metrics = _one_step(capture_gradients(), trimmed, params, ref_params, replicas)
+    padded_state, padded_metrics = _one_step(capture_gradients(), batch, params, ref_params, *options)
+    trimmed_state, trimmed_metrics = _one_step(capture_gradients(), trimmed, params, ref_params, *options)
     assert padded_metrics["spr_loss"] > 0 and padded_metrics["kl"] > 0
     for name, value in padded_metrics.items():
         np.testing.assert_allclose(trimmed_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -117,7 +184,7 @@ def test_rl_step_on_the_trimmed_batch_equals_the_step_on_the_padded_batch(replic
 
     # Updated parameters through the run's optimizer (the SPRM head's AdamW included).
     tx = step.make_optimizer(comms.get("pmean"), 1e-3, eps=1e-4, head_learning_rate=1e-3)
-    padded_state, _ = _one_step(tx, batch, params, ref_params, replicas)
-    trimmed_state, _ = _one_step(tx, trimmed, params, ref_params, replicas)
+    padded_state, _ = _one_step(tx, batch, params, ref_params, *options)
+    trimmed_state, _ = _one_step(tx, trimmed, params, ref_params, *options)
     for got, want in zip(jax.tree.leaves(trimmed_state.params), jax.tree.leaves(padded_state.params)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

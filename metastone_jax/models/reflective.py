@@ -22,10 +22,11 @@ HEAD = "sprm"
 
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array  # [batch, seq, vocab] float32
+    logits: jax.Array | None  # [batch, seq, vocab] float32, None when called with_logits=False
     features: jax.Array  # [batch, seq, hidden]: input to the last decoder layer (transformers' hidden_states[-2])
     step_logits: jax.Array | None  # [batch, seq] float32 SPRM logits, None without a head
     cache: KVCache | None
+    hidden: jax.Array  # [batch, seq, hidden]: the final (normed) hidden states, logits = project(hidden)
 
 
 class ReflectiveModel(nn.Module):
@@ -63,12 +64,14 @@ class ReflectiveModel(nn.Module):
         *,
         deterministic: bool = True,
         sprm_backbone_grad_scale: float = 1.0,
+        with_logits: bool = True,
     ) -> ModelOutput:
         """tokens [batch, seq] at cache slots [cache_index, cache_index + seq).
 
         positions [batch, seq] default 0..seq-1; kv_mask [batch, kv_len] marks valid key slots (kv_len is the cache
         length with a cache, seq without); `sprm_backbone_grad_scale` is the fraction of the SPR gradient that
-        reaches the backbone (0 detaches the head).
+        reaches the backbone (0 detaches the head). `with_logits=False` skips the LM head: the losses then
+        `project` the hidden states a chunk of positions at a time (losses.chunked_next_token_scores).
         """
         batch, seq = tokens.shape
         if positions is None:
@@ -78,18 +81,19 @@ class ReflectiveModel(nn.Module):
             kv_mask = jnp.ones((batch, kv_len), bool)
         mask = attention_mask(kv_mask, seq, cache_index)
         hidden, features, cache = self.model(tokens, positions, mask, cache, cache_index)
-        if self.config.tie_word_embeddings:
-            logits = self.model.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        logits = self.project(hidden) if with_logits else None
         step_logits = None
         if self.with_head:
             # f·s + sg(f)·(1−s) written so that the forward value is f bit for bit: f − sg(f) is exactly 0.
             detached = jax.lax.stop_gradient(features)
             head_input = detached + sprm_backbone_grad_scale * (features - detached)
             step_logits = self.sprm(head_input, positions, deterministic=deterministic)
-        return ModelOutput(logits, features, step_logits, cache)
+        return ModelOutput(logits, features, step_logits, cache, hidden)
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """The LM head: final hidden states [batch, seq, hidden] -> float32 logits [batch, seq, vocab]."""
+        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
 
 def _abstract_params(module: ReflectiveModel) -> Any:

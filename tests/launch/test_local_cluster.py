@@ -23,6 +23,8 @@ ALGORITHMS = [
     ("local_sgd", {"period": 2}),
 ]
 NUM_STEPS = 4
+# --bandwidth/--latency: a namespace shaped by tc, and an NFQUEUE rule whose packets launch.packet_delay holds back.
+NEEDS_SLOW_LINK = pytest.mark.needs("root", "ip", "tc", "iptables-legacy", "netns", "nfqueue")
 
 
 def train_all(fetch):
@@ -66,7 +68,7 @@ def test_two_processes_over_gloo_match_one_process_with_two_devices(tmp_path):
     assert_same_as_in_process(output_file, launched)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the shaped namespace needs root (ip netns, tc)")
+@NEEDS_SLOW_LINK
 def test_two_processes_behind_a_shaped_loopback_match_one_process(tmp_path):
     output_file = tmp_path / "results.npz"
     launched = launch(
@@ -144,9 +146,7 @@ else:
 """
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("iptables-legacy") is None, reason="the delayed namespace needs root and iptables"
-)
+@NEEDS_SLOW_LINK
 def test_latency_delays_every_packet_so_a_round_trip_takes_twice_the_latency(tmp_path):
     script = tmp_path / "ping_pong.py"
     script.write_text(PING_PONG.format(rank=local_cluster.PROCESS_ID_ENV))
