@@ -7,7 +7,7 @@
 TRL comes from the `peers` extra: `pip install -e '.[peers]'`.
 
 Both sides train the tiny preset's model on the embedded arithmetic task's first `8 x steps` questions in order, in
-our prompt format, rewarded by `metastone_jax.data.reward`: 8 prompts x 4 rollouts per step, 48 new tokens,
+the model's prompt format, rewarded by `metastone_jax.data.reward`: 8 prompts x 4 rollouts per step, 48 new tokens,
 temperature 1, lr 3e-5 (constant), KL coefficient 0.001 (k3, token mean), entropy bonus 0.001, PPO clip 0.2,
 group-std advantages, gradient clipping at 1, float32, torch on 2 threads. Ours is the main job
 (`python -m metastone_jax.train tiny sft.steps=0 rl.steps=N model.pretrained=...`) and also trains the SPRM head
@@ -180,14 +180,18 @@ def export_model(workdir: Path) -> str:
     return str(run_dir / "model")
 
 
-def task_questions(count: int) -> list[dict]:
-    """The first `count` questions of the tiny preset's task, in our prompt format: our RL phase's order."""
+def task_questions(model: str, count: int) -> list[dict]:
+    """The first `count` questions of the tiny preset's task as our RL phase renders them: in its order, in the
+    model's prompt format, with the task's instruction."""
     from metastone_jax.config_loading import load_config
-    from metastone_jax.data import format_prompt
+    from metastone_jax.data import TextTokenizer
 
-    task = load_config("tiny").task.arithmetic
-    samples = [task.sample(i) for i in range(count)]
-    return [{"prompt": format_prompt(s["question"]), "answer": s["answer"]} for s in samples]
+    config = load_config("tiny")
+    prompt_format = TextTokenizer.from_file(model).prompt_format
+    samples = [config.task.arithmetic.sample(i) for i in range(count)]
+    return [
+        {"prompt": prompt_format.render(s["question"], config.task.instruction), "answer": s["answer"]} for s in samples
+    ]
 
 
 def one_run(side: str, args, workdir: Path, index: int) -> dict:
@@ -279,7 +283,7 @@ def main() -> int:
     shutil.rmtree(workdir / "runs", ignore_errors=True)  # ours' compilation cache too: the first run is cold
     workdir.mkdir(parents=True, exist_ok=True)
     args.model = str(Path(args.model).absolute()) if args.model else export_model(workdir)
-    (workdir / "questions.json").write_text(json.dumps(task_questions(PROMPTS_PER_STEP * args.steps)))
+    (workdir / "questions.json").write_text(json.dumps(task_questions(args.model, PROMPTS_PER_STEP * args.steps)))
 
     result = {"ours": [], "trl": []}
     for index in range(args.runs):
