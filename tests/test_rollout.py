@@ -161,6 +161,12 @@ def _one_step(tx, batch, params, ref_params, replicas, micro_batch_size=0, logit
     return state, {k: float(v) for k, v in metrics.items()}
 
 
+def assert_close_in_float32(got, want):
+    """Equal up to float32 rounding: the trimmed batch sums over fewer (pad) columns, in another order, so an entry
+    may differ by ~1e-7 of its array's largest entry, which is a large relative error for an entry near zero."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
 # One replica; two; two with micro-batches of 4 rows (2 per replica) and logits 12 positions at a time (a width that
 # divides neither the trimmed 32 columns nor the padded 64).
 @pytest.mark.parametrize("replicas, micro_batch_size, logits_chunk", [(1, 0, 0), (2, 0, 0), (2, 4, 12)])
@@ -180,11 +186,13 @@ def test_rl_step_on_the_trimmed_batch_equals_the_step_on_the_padded_batch(replic
     gradients = jax.tree.leaves(padded_state.opt_state)
     assert max(float(np.abs(g).max()) for g in gradients) > 0
     for got, want in zip(jax.tree.leaves(trimmed_state.opt_state), gradients):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        assert_close_in_float32(got, want)
 
     # Updated parameters through the run's optimizer (the SPRM head's AdamW included).
     tx = step.make_optimizer(comms.get("pmean"), 1e-3, eps=1e-4, head_learning_rate=1e-3)
     padded_state, _ = _one_step(tx, batch, params, ref_params, *options)
     trimmed_state, _ = _one_step(tx, trimmed, params, ref_params, *options)
+    # Adam's first step moves an entry by lr * g / (|g| + eps), which scales a rounding difference in a gradient near
+    # zero by lr / eps = 10: the parameters agree to 1e-5, not to their own rounding.
     for got, want in zip(jax.tree.leaves(trimmed_state.params), jax.tree.leaves(padded_state.params)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
