@@ -181,8 +181,8 @@ def assert_close_in_float32(got, want):
             0,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="with micro-batches the trimmed batch's gradients differ from the padded batch's by up to 5e-4 "
-                "relative (the loss and metrics agree to 1e-5); not yet explained",
+                reason="with micro-batches on 2 replicas (1 replica agrees) the trimmed batch's gradients differ "
+                "from the padded batch's by up to 5e-4 relative (loss and metrics agree to 1e-5); not yet explained",
             ),
         ),
     ],
