@@ -177,8 +177,13 @@ def _sentence(error: dict, sources: dict[tuple, str]) -> str:
             f"The keys of {section} are: {', '.join(names)}"
         )
     if error["type"] == "value_error" and isinstance(error["input"], (dict, pydantic_core.ArgsKwargs)):
-        # a check across the keys of a section
-        return f"section {key or 'top level'!r} ({where}): {message}"
+        # a check across the keys of a section: the overrides of its keys are the likely cause, when there are any
+        overridden = [
+            where
+            for at, where in sources.items()
+            if len(at) > len(path) and at[: len(path)] == path and where.startswith("override")
+        ]
+        return f"section {key or 'top level'!r} ({'; '.join(overridden) or where}): {message}"
     return f"{key}={error['input']!r} ({where}): {message}"
 
 

@@ -132,20 +132,33 @@ def kl_k3(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array, count: 
     return token_mean(jnp.exp(log_ratio) - log_ratio - 1.0, mask, count)
 
 
+def mixed_groups(outcome: jax.Array, group_size: int) -> jax.Array:
+    """[B] bool: whether the group of each response (group_size consecutive rows) holds both a right and a wrong one."""
+    right = (outcome > 0.5).reshape(-1, group_size)
+    return jnp.repeat(right.any(axis=-1) & ~right.all(axis=-1), group_size)
+
+
 def spr_step_weights(
-    step_logits: jax.Array, step_mask: jax.Array, outcome: jax.Array, axis_names: Sequence[str] = ()
+    step_logits: jax.Array,
+    step_mask: jax.Array,
+    outcome: jax.Array,
+    axis_names: Sequence[str] = (),
+    agreement_filter: bool = True,
 ) -> jax.Array:
     """The SPR loss's weight of each step [B, T] (position frame; docs/algorithms.md): w_pos on the kept steps of
     right trajectories, w_neg on those of wrong ones, 0 elsewhere. No gradient flows through them.
 
-    A step is kept when its prediction agrees with the outcome [B] (1 right, 0 wrong). The class counts are summed
+    A step is kept when its prediction agrees with the outcome [B] (1 right, 0 wrong), the released recipe's
+    filter; without `agreement_filter` every step in `step_mask` is kept. The class counts are summed
     over `axis_names` (all data-parallel devices), as the released code (dp_actor.py) all-reduces them. Unlike that
     code, which adds 1 on every device before the all-reduce, the +1 is added once to the global count, so the
     weights do not depend on how the batch is split.
     """
     step_logits = jax.lax.stop_gradient(step_logits)
     right = (outcome > 0.5)[:, None]
-    kept = step_mask.astype(bool) & jnp.where(right, step_logits > 0, step_logits < 0)
+    kept = step_mask.astype(bool)
+    if agreement_filter:
+        kept &= jnp.where(right, step_logits > 0, step_logits < 0)
     positive, negative = kept & right, kept & ~right
     pos, neg = positive.sum().astype(jnp.float32), negative.sum().astype(jnp.float32)
     if axis_names:  # two scalars: comms.psum, unlike jax.lax.psum, compiles over a one-replica `data` axis too

@@ -38,14 +38,8 @@ from metastone_jax.metrics_log import MetricsWriter
 from metastone_jax.models.reflective import HEAD, Model, ReflectiveModel, init_params, param_shardings
 from metastone_jax.rollout import collect_rollouts, make_replica_sampler, replica_params, sft_batch
 from metastone_jax.sharding import make_mesh
-from metastone_jax.step import (
-    TrainState,
-    abstract_train_state,
-    init_train_state,
-    make_optimizer,
-    make_rl_step,
-    make_sft_step,
-)
+from metastone_jax.step import make_rl_step, make_sft_step
+from metastone_jax.train_state import TrainState, abstract_train_state, init_train_state, make_optimizer
 
 PyTree = Any
 COMPILATION_CACHE_BYTES = 4 << 30  # the persistent compilation cache's bound
@@ -116,9 +110,13 @@ class Trainer:
         sft, rl = config.sft, config.rl
         sft_schedule = optax.linear_schedule(0.0, sft.learning_rate, max(sft.warmup_steps, 1))
         self.sft_tx = make_optimizer(self.algorithm, sft_schedule, head_learning_rate=optax.constant_schedule(0.0))
+        # The head's warm-up: the policy's learning rate is 0 for the first rl.head_warmup_steps updates.
+        rl_schedule = optax.join_schedules(
+            [optax.constant_schedule(0.0), optax.constant_schedule(rl.learning_rate)], [rl.head_warmup_steps]
+        )
         self.rl_tx = make_optimizer(
             self.algorithm,
-            optax.constant_schedule(rl.learning_rate),
+            rl_schedule,
             head_learning_rate=optax.constant_schedule(rl.head_learning_rate),
         )
         # Built here, so that a malformed data file stops the run before anything is compiled.

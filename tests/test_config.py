@@ -270,6 +270,19 @@ def test_micro_and_rollout_batch_sizes_must_divide_their_batches():
     assert (config.rl.micro_batch_size, config.rl.rollout_batch_size, config.model.logits_chunk) == (8, 4, 16)
 
 
+def test_the_head_warmup_is_part_of_the_rl_steps():
+    message = _error(None, ["rl.steps=10", "rl.head_warmup_steps=11"])
+    assert "rl.head_warmup_steps=11 exceeds rl.steps=10" in message
+    assert load_config(None, ["rl.steps=10", "rl.head_warmup_steps=10"]).rl.head_warmup_steps == 10
+
+
+@pytest.mark.parametrize("name", [n for n in preset_names() if n != "tiny"])
+def test_scale_presets_keep_the_released_spr_recipe(name):
+    rl = load_config(name).rl
+    assert rl.spr_agreement_filter and not rl.spr_mixed_groups_only and rl.head_warmup_steps == 0
+    assert rl.sprm_backbone_grad_scale == RunConfig().rl.sprm_backbone_grad_scale == 1e-4
+
+
 def test_mesh_with_two_open_axes_is_refused():
     assert "at most one axis may be -1" in _error(None, ["mesh.data=-1"])
 

@@ -53,16 +53,17 @@ def np_entropy_per_token(logits):
     return out
 
 
-def np_spr_loss(step_logits, step_mask, outcome, global_counts=None):
+def np_spr_loss(step_logits, step_mask, outcome, global_counts=None, agreement_filter=True):
     """The SPR loss of docs/algorithms.md with explicit loops; `global_counts` (pos, neg) before the +1 replace
-    the local ones."""
+    the local ones; without `agreement_filter` every masked step is kept."""
     pos = neg = 0
     kept = []
     for b in range(step_logits.shape[0]):
         y = 1.0 if outcome[b] > 0.5 else 0.0
         for t in range(step_logits.shape[1]):
             s = float(step_logits[b, t])
-            if step_mask[b, t] and ((s > 0 and y == 1.0) or (s < 0 and y == 0.0)):
+            agrees = (s > 0 and y == 1.0) or (s < 0 and y == 0.0)
+            if step_mask[b, t] and (agrees or not agreement_filter):
                 kept.append((s, y))
                 pos, neg = pos + (y == 1.0), neg + (y == 0.0)
     if global_counts is not None:
@@ -77,9 +78,9 @@ def np_spr_loss(step_logits, step_mask, outcome, global_counts=None):
     return numerator / (denominator + 1e-5)
 
 
-def spr_loss(step_logits, step_mask, outcome, axis_names=()):
+def spr_loss(step_logits, step_mask, outcome, axis_names=(), agreement_filter=True):
     step_logits, step_mask, outcome = map(jnp.asarray, (step_logits, step_mask, outcome))
-    weights = losses.spr_step_weights(step_logits, step_mask, outcome, axis_names)
+    weights = losses.spr_step_weights(step_logits, step_mask, outcome, axis_names, agreement_filter)
     return losses.spr_loss(step_logits, weights, outcome)
 
 
@@ -169,14 +170,16 @@ def test_kl_k3_is_the_token_mean_low_variance_estimator():
     assert float(losses.kl_k3(jnp.asarray(logprobs), jnp.asarray(logprobs), jnp.asarray(mask))) == 0.0
 
 
+@pytest.mark.parametrize("agreement_filter", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_spr_loss_matches_the_class_balanced_filtered_bce_of_the_spec(seed):
+def test_spr_loss_matches_the_class_balanced_filtered_bce_of_the_spec(seed, agreement_filter):
     rng = np.random.default_rng(seed)
     step_logits = rng.normal(scale=2.0, size=(6, 9)).astype(np.float32)
     step_mask = rng.random((6, 9)) < 0.5
     outcome = np.array([1, 0, 1, 1, 0, 0], np.float32)
-    got = spr_loss(step_logits, step_mask, outcome)
-    np.testing.assert_allclose(got, np_spr_loss(step_logits, step_mask, outcome), rtol=1e-5)
+    got = spr_loss(step_logits, step_mask, outcome, agreement_filter=agreement_filter)
+    want = np_spr_loss(step_logits, step_mask, outcome, agreement_filter=agreement_filter)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_spr_loss_keeps_only_steps_whose_prediction_agrees_with_the_outcome():
@@ -188,6 +191,49 @@ def test_spr_loss_keeps_only_steps_whose_prediction_agrees_with_the_outcome():
     w_pos, w_neg = 1.5 * neg / (pos + neg), pos / (pos + neg)
     bce_pos, bce_neg = np.log1p(np.exp(-2.0)), np.log1p(np.exp(-1.0))
     np.testing.assert_allclose(got, (w_pos * bce_pos + w_neg * bce_neg) / (w_pos + w_neg + 1e-5), rtol=1e-6)
+
+
+def test_spr_loss_without_the_agreement_filter_keeps_every_masked_step():
+    # The same steps as above; all four count now, a masked-out fifth (s = 9 in the wrong trajectory) does not.
+    step_logits = jnp.array([[2.0, -3.0, 0.0], [-1.0, 4.0, 9.0]])
+    step_mask = jnp.array([[True, True, False], [True, True, False]])
+    weights = losses.spr_step_weights(step_logits, step_mask, jnp.array([1.0, 0.0]), agreement_filter=False)
+    pos = neg = 3.0  # two steps of each class, + 1
+    w_pos, w_neg = 1.5 * neg / (pos + neg), pos / (pos + neg)
+    np.testing.assert_allclose(weights, [[w_pos, w_pos, 0.0], [w_neg, w_neg, 0.0]], rtol=1e-6)
+    got = losses.spr_loss(step_logits, weights, jnp.array([1.0, 0.0]))
+    # BCE(s, 1) = log(1 + e^-s), BCE(s, 0) = log(1 + e^s).
+    bce_pos = np.log1p(np.exp(-2.0)) + np.log1p(np.exp(3.0))
+    bce_neg = np.log1p(np.exp(-1.0)) + np.log1p(np.exp(4.0))
+    want = (w_pos * bce_pos + w_neg * bce_neg) / (2 * w_pos + 2 * w_neg + 1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_spr_loss_with_the_filter_learns_nothing_from_a_head_that_agrees_with_no_outcome():
+    # Every step of the right trajectory scores negative and every step of the wrong one positive: the released
+    # filter keeps none (weights 0, loss 0, no gradient: the head stays as wrong as it is); without it they all count.
+    step_logits = jnp.array([[-1.0, -2.0], [3.0, 0.5]])
+    step_mask, outcome = jnp.ones((2, 2), bool), jnp.array([1.0, 0.0])
+
+    def loss(step_logits, agreement_filter):
+        weights = losses.spr_step_weights(step_logits, step_mask, outcome, agreement_filter=agreement_filter)
+        return losses.spr_loss(step_logits, weights, outcome)
+
+    assert float(loss(step_logits, True)) == 0.0
+    assert not np.any(np.asarray(jax.grad(loss)(step_logits, True)))
+    gradient = np.asarray(jax.grad(loss)(step_logits, False))
+    # d BCE / d s = sigmoid(s) - y: negative on the right trajectory's steps (raise them), positive on the wrong's.
+    assert np.all(gradient[0] < 0) and np.all(gradient[1] > 0)
+
+
+def test_mixed_groups_mark_the_rows_of_groups_with_both_outcomes():
+    outcome = np.array([1, 0, 1, 1, 1, 1, 0, 0, 0, 0.3, 1, 0])  # groups of 3; 0.3 counts as wrong
+    want = []
+    for group in outcome.reshape(-1, 3):
+        want += [len({bool(y > 0.5) for y in group}) == 2] * 3
+    got = np.asarray(losses.mixed_groups(jnp.asarray(outcome), 3))
+    np.testing.assert_array_equal(got, want)
+    assert list(got) == [True] * 3 + [False] * 3 + [False] * 3 + [True] * 3
 
 
 def test_spr_counts_summed_over_four_devices_equal_the_whole_batchs_counts():

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import comms
-from metastone_jax import step
+from metastone_jax import step, train_state
 from metastone_jax.config import MeshConfig, Qwen2Config, RLConfig, SamplingConfig
 from metastone_jax.models.reflective import ReflectiveModel, init_params
 from metastone_jax.models.sprm import step_score_mask
@@ -153,7 +153,7 @@ def _one_step(tx, batch, params, ref_params, replicas, micro_batch_size=0, logit
         sprm_backbone_grad_scale=0.5,
         micro_batch_size=micro_batch_size,
     )
-    state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+    state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
     rl_step = step.make_rl_step(
         MODULE, algorithm, tx, mesh, config, temperature=0.7, dropout_seed=3, logits_chunk=logits_chunk
     )
@@ -206,7 +206,7 @@ def test_rl_step_on_the_trimmed_batch_equals_the_step_on_the_padded_batch(replic
         assert_close_in_float32(got, want)
 
     # Updated parameters through the run's optimizer (the SPRM head's AdamW included).
-    tx = step.make_optimizer(comms.get("pmean"), 1e-3, eps=1e-4, head_learning_rate=1e-3)
+    tx = train_state.make_optimizer(comms.get("pmean"), 1e-3, eps=1e-4, head_learning_rate=1e-3)
     padded_state, _ = _one_step(tx, batch, params, ref_params, *options)
     trimmed_state, _ = _one_step(tx, trimmed, params, ref_params, *options)
     # Adam's first step moves an entry by lr * g / (|g| + eps), which scales a rounding difference in a gradient near

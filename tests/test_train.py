@@ -14,6 +14,7 @@ import pytest
 
 from metastone_jax.config_loading import load_config
 from metastone_jax.data import ArithmeticTask, build_arithmetic_tokenizer
+from metastone_jax.models.reflective import HEAD
 from metastone_jax.train import Trainer, main
 
 TINY = [
@@ -137,6 +138,17 @@ def test_onebit_gradients_under_adamw_warn_and_name_onebit_adam(tmp_path):
     with pytest.warns(UserWarning, match="onebit_adam"):
         trainer = Trainer(config, tmp_path)
     trainer.checkpointer.close()
+
+
+def test_the_head_warmup_trains_the_head_and_leaves_the_policy_where_it_started(tmp_path):
+    overrides = ["sft.steps=0", "rl.steps=2", "rl.head_warmup_steps=2", "eval.questions=0", f"run_dir={tmp_path}"]
+    trainer = Trainer(load_config(None, TINY + overrides), tmp_path)
+    start = jax.tree.map(np.asarray, trainer.initial_params())
+    trainer.run()
+    end = jax.tree.map(lambda p: np.asarray(p)[0], trainer.state.params)
+    for path, want in jax.tree_util.tree_leaves_with_path({k: v for k, v in start.items() if k != HEAD}):
+        np.testing.assert_array_equal(loaded_leaf(end, path), want, err_msg=jax.tree_util.keystr(path))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start[HEAD]), jax.tree.leaves(end[HEAD])))
 
 
 def test_a_run_continues_from_the_model_a_previous_run_exported(tmp_path):
