@@ -1,7 +1,8 @@
 """From text to train batches: SFT batches of reference solutions, and RL batches of sampled, rewarded rollouts.
 
 Host side (tokenizing, verifying answers) meets device side (sampling per replica inside a shard_map over `data`).
-Lengths are rounded up to a multiple of `LENGTH_BUCKET` so that a run compiles each step only a few times.
+Lengths are rounded up to a multiple of `LENGTH_BUCKET` so that a run compiles each step only a few times; the RL
+step's batch is cut to the columns its rollouts use, rounded up to a quarter octave (`trained_width`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,28 @@ LENGTH_BUCKET = 32
 
 def bucket(length: int) -> int:
     return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
+def trained_width(used: int, full: int) -> int:
+    """`used` columns rounded up to a multiple of a quarter of the power of two below it (at least 16), at most
+    `full`: at most 25% padding, and no more than four widths, so four compilations, per doubling of the length."""
+    step = max(16, 2 ** (used.bit_length() - 1) // 4)
+    return min(-(-used // step) * step, full)
+
+
+def trim_unused_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The RL batch without the columns that no row attends to, then padded back to `trained_width` columns.
+
+    Prompts are left-padded and responses padded to `max_new_tokens`, so the columns before the longest prompt
+    and after the longest response hold pads alone; cutting them changes no token's logits (pads are masked,
+    rotary positions count real tokens) and only shrinks the step. Every [B, T] entry is cut alike.
+    """
+    used = batch["attention_mask"].any(axis=0)
+    full = used.shape[0]
+    first, end = int(np.argmax(used)), full - int(np.argmax(used[::-1]))
+    width = trained_width(end - first, full)
+    start = max(end - width, 0)  # widen towards the left: the extra columns are prompt padding
+    return {k: v[:, start : start + width] if v.ndim == 2 else v for k, v in batch.items()}
 
 
 def encode_prompts(
@@ -157,6 +180,7 @@ def collect_rollouts(
         "outcome": outcome,
         "step_mask": to_host(step_mask),
     }
+    batch = trim_unused_columns(batch)
     return Rollouts(batch, responses, to_host(scores), int(to_host(out.lengths).sum()))
 
 

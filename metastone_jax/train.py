@@ -42,6 +42,7 @@ from metastone_jax.step import make_rl_step, make_sft_step
 from metastone_jax.train_state import TrainState, abstract_train_state, init_train_state, make_optimizer
 
 PyTree = Any
+COMPILATION_CACHE_BYTES = 4 << 30  # the persistent compilation cache's bound
 
 
 def train_dataset(config: RunConfig, batch_size: int):
@@ -331,6 +332,24 @@ class Trainer:
         return result.metrics
 
 
+def use_compilation_cache(run_dir: Path) -> None:
+    """JAX's persistent compilation cache, on for every run, in `.jax_cache` next to the run directory, so that a
+    second run (a resumed one, the next run of a sweep) loads its compiled programs instead of compiling them again.
+
+    JAX's own variables override it: JAX_COMPILATION_CACHE_DIR names another directory, JAX_ENABLE_COMPILATION_CACHE=
+    false turns it off (tests/conftest.py does, so that a test run writes no cache). The cache is bounded and
+    least-recently-used entries go first; bounding it also makes JAX take a file lock around every read and write, so
+    that runs started at once share one directory safely (an entry that cannot be read is compiled, with a warning).
+    """
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(run_dir.absolute().parent / ".jax_cache"))
+    if jax.config.jax_compilation_cache_max_size == -1:
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    # Every program, however small or quick to compile: a CPU run is many small programs.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m metastone_jax.train",
@@ -357,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("with several processes give --run-dir (or run_dir=): each would pick its own timestamp")
         run_dir = resolve_run_dir(config)
         print(f"run directory: {run_dir.absolute()}", flush=True)
+        use_compilation_cache(run_dir)
         if jax.process_index() == 0:
             save_config(config, run_dir)
         # Building the trainer reads every input (tokenizer, pretrained model, data files): a ValueError is bad input.

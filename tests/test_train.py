@@ -235,3 +235,41 @@ def test_two_processes_through_the_launcher_train_and_resume_like_one_process_wi
     assert [{k: v for k, v in m.items() if k not in timings} for m in _metrics(two)] == expected
     assert [m["phase"] for m in expected] == ["sft", "sft", "rl", "rl"]
     assert (two / "model" / "model.safetensors").read_bytes() == (one / "model" / "model.safetensors").read_bytes()
+
+
+# The main job in a subprocess that counts JAX's persistent-cache hits and misses.
+COUNT_CACHE_USE = """
+import json, sys
+import jax
+counts = {"hits": 0, "misses": 0}
+events = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+def count(event, **_):
+    if event in events:
+        counts[events[event]] += 1
+jax.monitoring.register_event_listener(count)
+from metastone_jax.train import main
+assert main(sys.argv[1:]) == 0
+print("CACHE " + json.dumps(counts))
+"""
+
+
+def test_a_second_run_loads_every_program_from_the_compilation_cache_next_to_the_runs(tmp_path):
+    args = TINY + ["mesh.data=2", "sft.steps=0", "rl.steps=1", "eval.questions=0"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("JAX_ENABLE_COMPILATION_CACHE", None)  # tests/conftest.py turns the cache off for the test run
+
+    def cache_use(name: str, *overrides: str, **extra_env) -> dict:
+        command = [sys.executable, "-c", COUNT_CACHE_USE, *args, *overrides, "--run-dir", str(tmp_path / "runs" / name)]
+        done = subprocess.run(command, env={**env, **extra_env}, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout.split("CACHE ")[-1])
+
+    first = cache_use("first")
+    cache = tmp_path / "runs" / ".jax_cache"
+    entries = len(list(cache.iterdir()))
+    assert first["misses"] > 0 and first["hits"] == 0 and entries > 0
+    assert cache_use("second") == {"hits": first["misses"], "misses": 0}
+    # Switched off (a run without steps: initialisation and export are enough to compile something).
+    assert cache_use("off", "rl.steps=0", JAX_ENABLE_COMPILATION_CACHE="false") == {"hits": 0, "misses": 0}
+    assert len(list(cache.iterdir())) == entries

@@ -87,7 +87,7 @@ class ReflectiveModel(nn.Module):
             # f·s + sg(f)·(1−s) written so that the forward value is f bit for bit: f − sg(f) is exactly 0.
             detached = jax.lax.stop_gradient(features)
             head_input = detached + sprm_backbone_grad_scale * (features - detached)
-            step_logits = self.sprm(head_input, deterministic=deterministic)
+            step_logits = self.sprm(head_input, positions, deterministic=deterministic)
         return ModelOutput(logits, features, step_logits, cache, hidden)
 
     def project(self, hidden: jax.Array) -> jax.Array:

@@ -30,7 +30,11 @@ class SPRMHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, features: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, features: jax.Array, positions: jax.Array | None = None, deterministic: bool = True
+    ) -> jax.Array:
+        """features [..., C] -> step logits [...]; dropout (deterministic=False) needs [batch, seq] `positions`."""
+
         def dense(name, features_out, names):
             return nn.Dense(
                 features_out,
@@ -42,8 +46,25 @@ class SPRMHead(nn.Module):
             )
 
         h = nn.relu(dense("hidden", 2 * self.hidden_size, ("embed", "mlp"))(features))
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        if not deterministic and self.dropout_rate > 0:
+            h = token_dropout(self.make_rng("dropout"), h, self.dropout_rate, positions)
         return dense("out", 1, ("mlp", None))(h)[..., 0].astype(jnp.float32)
+
+
+def token_dropout(key: jax.Array, h: jax.Array, rate: float, positions: jax.Array) -> jax.Array:
+    """Inverted dropout on h [batch, seq, F] whose mask for a token is drawn from (key, row, position) alone.
+
+    A mask drawn over the whole [batch, seq, F] array would depend on the array's width, so the same rollouts
+    padded to another length (the RL step trains on batches trimmed to their longest row) would see other masks.
+    """
+    keep = 1.0 - rate
+
+    def draw(row: jax.Array, position: jax.Array) -> jax.Array:
+        return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, row), position), keep, h.shape[-1:])
+
+    rows = jnp.arange(positions.shape[0])
+    mask = jax.vmap(jax.vmap(draw, in_axes=(None, 0)))(rows, positions)
+    return jnp.where(mask, h / keep, 0.0).astype(h.dtype)
 
 
 def _shift_right(x: jax.Array, by: int, fill) -> jax.Array:

@@ -7,7 +7,7 @@ import pytest
 
 from metastone_jax.config import Qwen2Config
 from metastone_jax.models.reflective import ReflectiveModel
-from metastone_jax.models.sprm import MIN_STEP_SCORE, SPRMHead, step_score_mask, trajectory_score
+from metastone_jax.models.sprm import MIN_STEP_SCORE, SPRMHead, step_score_mask, token_dropout, trajectory_score
 
 # Token ids for the hand-written cases: DELIM = a one-token delimiter, OPEN/CLOSE = <think>/</think>, others are words.
 DELIM, OPEN, CLOSE = 9, 7, 8
@@ -113,3 +113,30 @@ def test_spr_gradient_reaches_the_backbone_scaled(scale):
         np.testing.assert_allclose(np.asarray(b), scale * np.asarray(a), rtol=1e-5, atol=1e-12)
     for a, b in zip(jax.tree.leaves(full["sprm"]), jax.tree.leaves(scaled["sprm"])):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
+
+
+def test_dropout_mask_of_a_token_does_not_depend_on_the_padding_around_it():
+    hidden, rows, length, pad_left, pad_right = 16, 3, 10, 4, 6
+    head = SPRMHead(hidden)
+    features = jax.random.normal(jax.random.key(0), (rows, length, hidden))
+    variables = head.init(jax.random.key(1), features)
+    positions = jnp.broadcast_to(jnp.arange(length), (rows, length))
+    padded_features = jnp.pad(features, ((0, 0), (pad_left, pad_right), (0, 0)))
+    # Rotary positions of a left-padded row: pads repeat position 0, real tokens count from 0.
+    padded_positions = jnp.pad(positions, ((0, 0), (pad_left, pad_right)), mode="edge")
+    dropout = {"dropout": jax.random.key(2)}
+    got = head.apply(variables, features, positions, deterministic=False, rngs=dropout)
+    padded = head.apply(variables, padded_features, padded_positions, deterministic=False, rngs=dropout)
+    np.testing.assert_allclose(padded[:, pad_left : pad_left + length], got, rtol=1e-6)
+    assert not np.allclose(got, head.apply(variables, features))  # dropout is on
+
+
+def test_dropout_keeps_half_the_units_and_doubles_them():
+    hidden, rows, length = 64, 4, 32
+    features = jnp.ones((rows, length, 2 * hidden))
+    positions = jnp.broadcast_to(jnp.arange(length), (rows, length))
+    dropped = np.asarray(token_dropout(jax.random.key(0), features, 0.5, positions))
+    assert set(np.unique(dropped)) == {0.0, 2.0}
+    kept = (dropped == 2.0).mean()
+    assert abs(kept - 0.5) < 0.02  # 16,384 draws: 5 standard deviations is 0.02
+    assert not np.array_equal(dropped[0], dropped[1])  # rows draw apart
