@@ -120,7 +120,7 @@ def measure(algorithm, mesh, params, x, y, steps: int) -> dict:
 
 def child(steps: int) -> None:
     """One process of the launch: measures every algorithm, rank 0 prints one RESULT line each."""
-    from launch.local_cluster import initialize_from_env
+    from metastone_jax.distributed import initialize_from_env
 
     process_id, num_processes = initialize_from_env()
     import jax

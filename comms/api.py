@@ -14,7 +14,7 @@ An algorithm whose optimizer switches code paths over time (1-bit Adam's warm-up
 names them with `phase(update)`. A caller that knows how many updates its optimizer has taken compiles one step
 per phase and passes it on (`apply_gradients(..., phase=...)`): the step then holds only that path. Without it
 the switch is a `lax.cond` on the optimizer's count, whose outputs XLA cannot write in place: for 1-bit Adam
-extra temporaries of 2.6x the parameters' bytes, filled and copied out every step (BENCHMARKS.md).
+extra temporaries of a few times the parameters' bytes, filled and copied out every step (BENCHMARKS.md).
 
 Outside the shard_map every per-replica leaf (parameters, optimizer state, algorithm state) carries a
 leading replica dimension sharded over the replica axis, so that algorithms that let replicas differ
@@ -46,8 +46,8 @@ def psum(tree: PyTree, axis_names: str | tuple[str, ...]) -> PyTree:
     """`jax.lax.psum` inside a shard_map, written so that it also compiles over axes that hold one replica.
 
     Inside a shard_map manual over a one-device axis while other mesh axes stay automatic (`mesh.data=1
-    mesh.fsdp=8`), XLA rejects an all-reduce of any non-scalar (jax 0.10.2: "Cross-partition allreduce must be in
-    (partial) manual partitioning mode"). A sum over one replica is its value; a tiled all-gather over that axis
+    mesh.fsdp=8`), XLA rejects an all-reduce of any non-scalar ("Cross-partition allreduce must be in (partial)
+    manual partitioning mode"). A sum over one replica is its value; a tiled all-gather over that axis
     returns it unchanged, and with `to="invarying"` it is typed as the same on every replica, as a psum's result.
     """
     names, replicas = _axes_and_replicas(axis_names)

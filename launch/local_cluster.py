@@ -2,11 +2,12 @@
 
     python -m launch.local_cluster --num-processes 2 [--bandwidth 1gbit] [--latency 5ms] -- <module or script.py> [args]
 
-Every child gets its rank, the process count and the coordinator address in environment variables and calls
-`initialize_from_env()`, which joins `jax.distributed` with CPU collectives over gloo. With --bandwidth/--latency
-the children run inside a fresh network namespace whose loopback is shaped: a `tc` tbf rate limit for the bandwidth,
-and for the latency an iptables NFQUEUE rule whose packets `launch.packet_delay` holds back; all traffic stays on
-127.0.0.1 inside it. This needs root, iproute2 and, for --latency, iptables (`apt-get install iproute2 iptables`).
+Every child gets its rank, the process count and the coordinator address in environment variables, which
+`metastone_jax.distributed.initialize_from_env()` reads to join `jax.distributed` with CPU collectives over gloo.
+With --bandwidth/--latency the children run inside a fresh network namespace whose loopback is shaped: a `tc` tbf
+rate limit for the bandwidth, and for the latency an iptables NFQUEUE rule whose packets `launch.packet_delay` holds
+back; all traffic stays on 127.0.0.1 inside it. This needs root, iproute2 and, for --latency, iptables
+(`apt-get install iproute2 iptables`).
 Output lines are prefixed with the child's rank; the launch fails, and stops the others, when any child fails.
 Children allocate large buffers on transparent huge pages (see `child_environment`).
 """
@@ -27,6 +28,7 @@ from collections.abc import Iterator, Mapping
 
 from launch import packet_delay
 
+# The protocol metastone_jax/distributed.py reads (this package imports nothing of metastone_jax).
 COORDINATOR_ENV = "METASTONE_COORDINATOR"
 NUM_PROCESSES_ENV = "METASTONE_NUM_PROCESSES"
 PROCESS_ID_ENV = "METASTONE_PROCESS_ID"
@@ -37,27 +39,6 @@ _RATE_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 _DELAY_QUEUE = 0
 # The loopback device sends frames up to 64 KiB; a token bucket must hold at least one.
 _LOOPBACK_MTU = 65536
-
-
-def initialize_from_env(auto_detect: bool = False) -> tuple[int, int]:
-    """Joins the cluster described by the launcher's environment variables; returns (process_id, num_processes).
-
-    Outside a launch (no variables) it returns (0, 1), or with `auto_detect` (the entry points' --distributed)
-    joins through `jax.distributed.initialize()`, which finds TPU pod and SLURM clusters by itself.
-    """
-    import jax
-
-    if COORDINATOR_ENV not in os.environ:
-        if not auto_detect:
-            return 0, 1
-        jax.distributed.initialize()
-        return jax.process_index(), jax.process_count()
-    process_id, num_processes = int(os.environ[PROCESS_ID_ENV]), int(os.environ[NUM_PROCESSES_ENV])
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=os.environ[COORDINATOR_ENV], num_processes=num_processes, process_id=process_id
-    )
-    return process_id, num_processes
 
 
 def bandwidth_bits_per_second(rate: str) -> float:
@@ -198,8 +179,8 @@ def huge_page_tunables(env: Mapping[str, str]) -> str:
     """`env`'s GLIBC_TUNABLES with `glibc.malloc.hugetlb=1` added (a `hugetlb` tunable already there is left alone).
 
     XLA:CPU allocates every output buffer afresh, and each execution's temporaries as one block; glibc maps blocks
-    this large anew each time, so with 4 KiB pages a 100 MB buffer costs ~25k page faults. An elementwise op over 25M
-    floats took 49 ms, 15 ms with huge pages (our 2-core machines). The variable is read when a process starts.
+    this large anew each time, so with 4 KiB pages every first touch of a large buffer faults (huge pages fault 512x
+    less often; BENCHMARKS.md has the measurements). The variable is read when a process starts.
     """
     return glibc_tunables(env, "glibc.malloc.hugetlb=1")
 

@@ -193,8 +193,8 @@ def _costs(config: RunConfig, mesh, programs: list[Program], prompt_length: int)
     replica_mesh = jax.sharding.Mesh(mesh.devices[:1], mesh.axis_names, axis_types=mesh.axis_types)
     replica = dataclasses.replace(
         config,
-        sft=dataclasses.replace(config.sft, batch_size=config.sft.batch_size // data),
-        rl=dataclasses.replace(config.rl, prompts_per_step=config.rl.prompts_per_step // data),
+        sft=_per_replica(config.sft, data, "batch_size", "micro_batch_size"),
+        rl=_per_replica(config.rl, data, "prompts_per_step", "micro_batch_size", "rollout_batch_size"),
     )
     layers = config.model.qwen2_config().num_hidden_layers
     two, three = (build_programs(_unrolled(replica, n), replica_mesh, prompt_length, False) for n in (2, 3))
@@ -205,6 +205,11 @@ def _costs(config: RunConfig, mesh, programs: list[Program], prompt_length: int)
         cost["collective_bytes"] = {**cost["collective_bytes"], **across_replicas}
         costs.append(cost)
     return costs
+
+
+def _per_replica(section, data: int, *counts: str):
+    """`section` with its batch counts divided over `data` replicas (a micro-batch is a multiple of them)."""
+    return dataclasses.replace(section, **{name: getattr(section, name) // data for name in counts})
 
 
 def _unrolled(config: RunConfig, layers: int) -> RunConfig:
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Example: python -m metastone_jax.aot qwen2_1.5b --topology v5p-16",
     )
     parser.add_argument("preset", help="a preset in configs/ (e.g. qwen2_1.5b) or a .yaml path")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.max_new_tokens=4096")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampling.max_new_tokens=4096")
     parser.add_argument("--topology", required=True, help="a TPU slice, e.g. v5p-16 (8 chips) or v5p:2x2x1")
     parser.add_argument("--slices", type=int, default=1, help="slices joined by DCN (the mesh's data axis spans them)")
     parser.add_argument("--prompt-length", type=int, default=1024, help="prompt tokens per row (default 1024)")

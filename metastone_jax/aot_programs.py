@@ -12,18 +12,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import comms
 from metastone_jax.config import Qwen2Config, RunConfig
-from metastone_jax.losses import RLLossConfig
 from metastone_jax.models.reflective import ReflectiveModel, param_shardings
 from metastone_jax.rollout import bucket, make_replica_sampler
-from metastone_jax.sampling import SamplingConfig
-from metastone_jax.step import init_train_state, make_optimizer, make_rl_step, make_sft_step, train_state_shardings
-
-DATA = "data"
+from metastone_jax.sharding import DATA_AXIS
+from metastone_jax.step import abstract_train_state, make_optimizer, make_rl_step, make_sft_step
 
 
 @dataclasses.dataclass
@@ -64,55 +61,42 @@ def causal_pairs(length: int) -> int:
 
 
 def build_programs(config: RunConfig, mesh, prompt_length: int, check_memory: bool = True) -> list[Program]:
-    """The programs the run executes (SFT when sft.steps > 0; RL step and sampler when rl.steps > 0), compiled for
-    `mesh` at the phase of each optimizer's last update; rows are `prompt_length` + rl.max_new_tokens tokens.
-    Without `check_memory` the compiler does not stop at a program that needs more memory than a chip has."""
+    """The programs the run executes (SFT when sft.steps > 0; RL step and sampler when rl.steps > 0), built as the
+    trainer builds them and compiled for `mesh` at the phase of each optimizer's last update; rows are
+    `prompt_length` + sampling.max_new_tokens tokens. Without `check_memory` the compiler does not stop at a program
+    that needs more memory than a chip has."""
     architecture = config.model.qwen2_config()
-    dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
-    module = ReflectiveModel(architecture, True, dtype, param_dtype, config.model.remat, config.model.scan_layers)
-    algorithm = comms.get(config.comm.algorithm, **config.comm.options)
-    rl = config.rl
-    tx = make_optimizer(algorithm, rl.learning_rate, head_learning_rate=rl.head_learning_rate)
-    state = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        jax.eval_shape(lambda key: init_train_state(module, algorithm, tx, mesh, key), jax.random.key(0)),
-        train_state_shardings(module, algorithm, tx, mesh),
-    )
-    state_bytes = {
-        "parameters": _bytes_per_chip(state.params),
-        "optimizer": _bytes_per_chip(state.opt_state),
-        "comm_state": _bytes_per_chip(state.comm_state),
-    }
+    model, sft, rl = config.model, config.sft, config.rl
+    dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+    module = ReflectiveModel(architecture, True, dtype, param_dtype, model.remat, model.scan_layers)
+    algorithm = config.comm.build()
+    constant = optax.constant_schedule
     prompt_length = bucket(prompt_length)
-    seq = prompt_length + rl.max_new_tokens
-    rows = _sharded(mesh, P(DATA))
+    seq = prompt_length + config.sampling.max_new_tokens
+    rows = _sharded(mesh, P(DATA_AXIS))
     programs = []
 
-    if config.sft.steps > 0:
-        phase = algorithm.phase(config.sft.steps - 1)
-        step = make_sft_step(module, algorithm, tx, mesh)
-        batch = _batch(
-            rows, config.sft.batch_size, seq, {"tokens": jnp.int32, "attention_mask": bool, "loss_mask": bool}
+    if sft.steps > 0:
+        tx = make_optimizer(algorithm, constant(sft.learning_rate), head_learning_rate=constant(0.0))
+        state = abstract_train_state(module, algorithm, tx, mesh)
+        phase = algorithm.phase(sft.steps - 1)
+        step = make_sft_step(
+            module, algorithm, tx, mesh, micro_batch_size=sft.micro_batch_size, logits_chunk=model.logits_chunk
         )
+        batch = _batch(rows, sft.batch_size, seq, {"tokens": jnp.int32, "attention_mask": bool, "loss_mask": bool})
         compiled = _compile(lambda s, b: step(s, b, phase=phase), (state, batch), True, check_memory)
-        rows = config.sft.batch_size
         # A forward and a backward pass (twice the forward's FLOPs).
-        attention = 3 * attention_flops(architecture, rows * causal_pairs(seq))
-        flops = 3 * dense_flops(architecture, rows * seq) + attention
-        parts = {**state_bytes, "batch": _bytes_per_chip(batch)}
+        attention = 3 * attention_flops(architecture, sft.batch_size * causal_pairs(seq))
+        flops = 3 * dense_flops(architecture, sft.batch_size * seq) + attention
+        parts = {**_state_bytes(state), "batch": _bytes_per_chip(batch)}
         programs.append(Program("sft_step", phase, *compiled, parts, flops, attention))
 
     if rl.steps > 0:
+        tx = make_optimizer(algorithm, constant(rl.learning_rate), head_learning_rate=constant(rl.head_learning_rate))
+        state = abstract_train_state(module, algorithm, tx, mesh)
         phase = algorithm.phase(rl.steps - 1)
-        loss_config = RLLossConfig(
-            group_size=rl.group_size,
-            clip_eps=rl.clip_eps,
-            kl_coef=rl.kl_coef,
-            entropy_coef=rl.entropy_coef,
-            temperature=rl.temperature,
-            sprm_backbone_grad_scale=rl.sprm_backbone_grad_scale,
-        )
-        step = make_rl_step(module, algorithm, tx, mesh, loss_config, config.seed)
+        temperature = config.sampling.temperature
+        step = make_rl_step(module, algorithm, tx, mesh, rl, temperature, config.seed, logits_chunk=model.logits_chunk)
         size = rl.prompts_per_step * rl.group_size
         tokens = {"tokens": jnp.int32, "attention_mask": bool, "response_mask": bool, "step_mask": bool}
         batch = {
@@ -126,28 +110,38 @@ def build_programs(config: RunConfig, mesh, prompt_length: int, check_memory: bo
         )
         args = (state, batch, reference)
         compiled = _compile(lambda s, b, r: step(s, b, r, phase=phase), args, True, check_memory)
-        # The policy's forward and backward pass, and the reference policy's forward pass.
-        attention = 4 * attention_flops(architecture, size * causal_pairs(seq))
-        flops = 4 * dense_flops(architecture, size * seq) + attention
-        parts = {**state_bytes, "reference": _bytes_per_chip(reference), "batch": _bytes_per_chip(batch)}
+        # The policy's forward and backward pass, and the reference policy's forward pass; with micro-batches also
+        # the policy's forward without gradient that finds the SPR class counts (step.make_rl_step).
+        forwards = 4 + (0 < rl.micro_batch_size < size)
+        attention = forwards * attention_flops(architecture, size * causal_pairs(seq))
+        flops = forwards * dense_flops(architecture, size * seq) + attention
+        parts = {**_state_bytes(state), "reference": _bytes_per_chip(reference), "batch": _bytes_per_chip(batch)}
         programs.append(Program("rl_step", phase, *compiled, parts, flops, attention))
 
-        sampling = SamplingConfig(rl.max_new_tokens, rl.temperature, rl.top_p)
         eos = architecture.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, list) else (eos or 0,)
-        sampler = make_replica_sampler(module, mesh, sampling, eos_ids, 0, rl.group_size)
+        sampler = make_replica_sampler(module, mesh, config.sampling, eos_ids, 0, rl.group_size, rl.rollout_batch_size)
         prompts = _batch(rows, rl.prompts_per_step, prompt_length, {"tokens": jnp.int32, "mask": bool})
         key = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=_sharded(mesh, P()))
         args = (state.params, prompts["tokens"], prompts["mask"], key)
         compiled = _compile(sampler, args, False, check_memory)
         # The prefill over the prompts (splash attention) and one decode step of every row, over the whole cache
-        # (XLA counts the decode loop's body once).
-        prefill = attention_flops(architecture, rl.prompts_per_step * causal_pairs(prompt_length))
-        flops = dense_flops(architecture, rl.prompts_per_step * prompt_length + size) + prefill
-        flops += attention_flops(architecture, size * seq)
-        parts = {"parameters": state_bytes["parameters"], "batch": _bytes_per_chip(prompts)}
+        # (XLA counts the decode loop's body once, and the loop over rollout chunks once).
+        chunk = rl.rollout_batch_size or rl.prompts_per_step
+        prefill = attention_flops(architecture, chunk * causal_pairs(prompt_length))
+        flops = dense_flops(architecture, chunk * (prompt_length + rl.group_size)) + prefill
+        flops += attention_flops(architecture, chunk * rl.group_size * seq)
+        parts = {"parameters": _bytes_per_chip(state.params), "batch": _bytes_per_chip(prompts)}
         programs.append(Program("sampler", None, *compiled, parts, flops, prefill))
     return programs
+
+
+def _state_bytes(state) -> dict[str, int]:
+    return {
+        "parameters": _bytes_per_chip(state.params),
+        "optimizer": _bytes_per_chip(state.opt_state),
+        "comm_state": _bytes_per_chip(state.comm_state),
+    }
 
 
 def _compile(fn: Callable, args: tuple, donate: bool, check_memory: bool) -> tuple[jax.stages.Compiled, int | None]:

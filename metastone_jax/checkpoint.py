@@ -9,6 +9,7 @@ Typed RNG keys are stored as their raw key data and wrapped again on restore.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -69,26 +70,31 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state: PyTree) -> Restored | None:
+    def restore_latest(self, abstract_state: PyTree | Callable[[int], PyTree]) -> Restored | None:
         """The newest checkpoint that restores, into `abstract_state`'s shapes, dtypes and shardings; None if none.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings (e.g. from `jax.eval_shape` plus the
-        target shardings). A checkpoint that fails to restore (partial or corrupt) is skipped with a warning and,
-        when an older one restores, renamed to <step>.unreadable.
+        target shardings), or a function of the step giving it (where the layout depends on the step). A checkpoint
+        that fails to restore (partial or corrupt) is skipped with a warning and, when an older one restores,
+        renamed to <step>.unreadable.
         """
         self.wait()
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
             return None
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(_keys_to_data(abstract_state)),
-            data=ocp.args.JsonRestore(),
-            extra=ocp.args.JsonRestore(),
-        )
+        layout = abstract_state if callable(abstract_state) else lambda step: abstract_state
+
+        def args(step):
+            return ocp.args.Composite(
+                state=ocp.args.StandardRestore(_keys_to_data(layout(step))),
+                data=ocp.args.JsonRestore(),
+                extra=ocp.args.JsonRestore(),
+            )
+
         failures = []
         for position, step in enumerate(steps):
             try:
-                restored = self._manager.restore(step, args=args)
+                restored = self._manager.restore(step, args=args(step))
             # orbax surfaces a damaged checkpoint as many exception types (tensorstore, JSON, missing files, ...).
             except Exception as e:  # noqa: BLE001
                 failures.append(f"step {step}: {type(e).__name__}: {e}")
@@ -101,7 +107,7 @@ class Checkpointer:
                 continue
             if position:
                 self._set_aside(steps[:position])
-            state = _data_to_keys(restored.state, abstract_state)
+            state = _data_to_keys(restored.state, layout(step))
             return Restored(step, state, dict(restored.data or {}), dict(restored.extra or {}))
         raise CheckpointError(
             f"no checkpoint in {self.directory} could be restored into the given state:\n  " + "\n  ".join(failures)

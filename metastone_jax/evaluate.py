@@ -2,8 +2,9 @@
 
 For every question it samples n trajectories once, scores each from the hidden states the sampler computed anyway
 (no second forward pass), and evaluates every mode on the same samples as the released evaluation does: groups of k
-out of n, the pick of each group, averaged over groups. Writes `eval.json`, `samples.jsonl` and `scaling.png`
-(accuracy against thinking compute = parameters x generated tokens) and prints a table.
+out of n, the pick of each group, averaged over groups. Writes `eval.json`, `samples.jsonl`, `scaling.png`
+(accuracy against thinking compute = parameters x generated tokens) and, where steps can be checked (the embedded
+task), `calibration.png` (reliability diagram of step scores), and prints a table.
 """
 
 from __future__ import annotations
@@ -22,24 +23,39 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from launch.local_cluster import initialize_from_env
 from metastone_jax import tts
-from metastone_jax.data import ArithmeticTask, TextTokenizer, extract_answer, is_equivalent, load_records
+from metastone_jax.config import RunConfig, SamplingConfig
+from metastone_jax.config_loading import load_config
+from metastone_jax.data import (
+    ArithmeticTask,
+    TextTokenizer,
+    build_arithmetic_tokenizer,
+    extract_answer,
+    is_equivalent,
+    load_records,
+)
+from metastone_jax.data.arithmetic import step_correctness
+from metastone_jax.distributed import initialize_from_env
 from metastone_jax.models.reflective import ReflectiveModel
+from metastone_jax.plots import plot_calibration, plot_scaling
 from metastone_jax.rollout import encode_prompts, score_trajectories
-from metastone_jax.sampling import SamplingConfig, sample
-from metastone_jax.sharding import MeshConfig, make_mesh, to_host
+from metastone_jax.sampling import sample
+from metastone_jax.sharding import make_mesh, to_host
 
-# Held-out problems of the embedded task come from indices far past anything a run trains on.
+# Evaluation questions of the embedded task start at this index, so that question i does not share its random
+# stream with training problem i (that they are never training questions is the task's eval split's doing).
 EVAL_INDEX_OFFSET = 10**12
 # Rows (questions x samples) sampled in one call: bounds the KV cache of an evaluation batch.
 ROWS_PER_CALL = 512
-METHODS = ("maj", "sprm", "oracle")
+# Metrics that do not depend on k, repeated in each mode's row of eval.json.
+SHARED_METRICS = ("pass@1", "auroc_within", "auroc_within_questions", "auroc_pooled", "step_auroc")
 
 
 @dataclasses.dataclass
 class EvalResult:
-    metrics: dict[str, Any]  # {"pass@1", "maj@k", "sprm@k", "oracle@k", "auroc", "modes": {...}, ...}
+    # {"pass@1", "maj@k", "wmaj@k", "sprm@k", "oracle@k", "auroc_within", "auroc_pooled", "step_auroc",
+    #  "step_calibration", "modes": {...}, ...}; see benchmark_metrics
+    metrics: dict[str, Any]
     samples: list[dict[str, Any]]
 
 
@@ -58,10 +74,14 @@ def evaluate_records(
     modes: dict[str, int] | Sequence[str] = tuple(tts.MODES),
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    instruction: str | None = None,
 ) -> EvalResult:
     """Samples `num_samples` trajectories per record {"question", "answer"} and computes every metric per mode.
 
-    `modes`: names of tts.MODES (low, medium, high) or a {name: k} dict for other k.
+    `modes`: names of tts.MODES (low, medium, high) or a {name: k} dict for other k. Prompts are in the tokenizer's
+    prompt format with `instruction` (see data.prompts). A record with "checkable_steps": True (the embedded
+    task's, `embedded_eval_records`) gets each sample's steps verified (data.arithmetic.step_correctness, aligned
+    with its step scores); other samples record step_correct None.
     """
     modes = modes if isinstance(modes, dict) else {mode: tts.MODES[mode] for mode in modes}
     too_big = [(mode, k) for mode, k in modes.items() if k > num_samples]
@@ -79,7 +99,7 @@ def evaluate_records(
     batches = range(0, len(records), per_call)
     for start in tqdm(batches, desc="evaluate", unit="batch", dynamic_ncols=True, disable=jax.process_index() > 0):
         chunk = records[start : start + per_call]
-        prompt_tokens, prompt_mask = encode_prompts(tokenizer, [r["question"] for r in chunk])
+        prompt_tokens, prompt_mask = encode_prompts(tokenizer, [r["question"] for r in chunk], instruction)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             out = sample(
                 module,
@@ -98,8 +118,10 @@ def evaluate_records(
         lengths = to_host(out.lengths)
         for row in range(len(sequences)):
             record = chunk[row // num_samples]
-            text = tokenizer.decode(sequences[row][response_mask[row]])
+            response_tokens = sequences[row][response_mask[row]]
+            text = tokenizer.decode(response_tokens)
             answer = extract_answer(text)
+            step_scores = (1 / (1 + np.exp(-step_logits[row][step_mask[row]]))).round(6).tolist()
             samples.append(
                 {
                     "question_index": start + row // num_samples,
@@ -108,17 +130,28 @@ def evaluate_records(
                     "response": text,
                     "answer": answer,
                     "correct": bool(is_equivalent(answer, record["answer"])),
-                    "step_scores": (1 / (1 + np.exp(-step_logits[row][step_mask[row]]))).round(6).tolist(),
+                    "step_scores": step_scores,
+                    "step_correct": _checked_steps(text, len(step_scores)) if record.get("checkable_steps") else None,
                     "score": float(scores[row]),
                     "tokens": int(lengths[row]),
+                    # False: cut off at max_new_tokens before an EOS.
+                    "finished": bool(len(response_tokens) and response_tokens[-1] == tokenizer.eos_id),
                 }
             )
     metrics = benchmark_metrics(samples, num_samples, modes, parameter_count(params))
     return EvalResult(metrics, samples)
 
 
+def _checked_steps(response: str, num_scores: int) -> list[bool] | None:
+    """The verdict on each step of an embedded-task response, or None when the text's steps do not line up one to
+    one with the scored ones (a special token the decoded text dropped, e.g. a pad between two delimiters)."""
+    verdicts = step_correctness(response)
+    return verdicts if len(verdicts) == num_scores else None
+
+
 def benchmark_metrics(samples: list[dict], num_samples: int, modes: dict[str, int], num_params: int) -> dict:
-    """tts metrics over questions, plus per mode its k, accuracies and thinking compute (parameters x tokens)."""
+    """tts metrics over questions (tts.evaluate_benchmark), step metrics over the samples whose steps were checked
+    (tts.step_metrics), plus per mode its k, accuracies, AUROCs and thinking compute (parameters x tokens)."""
     by_question = [samples[i : i + num_samples] for i in range(0, len(samples), num_samples)]
     ks = list(modes.values())
     metrics = tts.evaluate_benchmark(
@@ -127,14 +160,16 @@ def benchmark_metrics(samples: list[dict], num_samples: int, modes: dict[str, in
         [[s["answer"] for s in q] for q in by_question],
         ks,
     )
+    metrics.update(tts.step_metrics([s["step_scores"] for s in samples], [s["step_correct"] for s in samples]))
+    metrics["finished"] = float(np.mean([s["finished"] for s in samples]))
     mean_tokens = float(np.mean([s["tokens"] for s in samples]))
     metrics["mean_response_tokens"] = mean_tokens
     metrics["parameters"] = num_params
     metrics["modes"] = {
         mode: {
             "k": k,
-            "pass@1": metrics["pass@1"],
-            **{f"{method}@{k}": metrics[f"{method}@{k}"] for method in METHODS},
+            **{name: metrics[name] for name in SHARED_METRICS},
+            **{f"{method}@{k}": metrics[f"{method}@{k}"] for method in tts.METHODS},
             # Thinking compute per question: k trajectories of the mean length through the whole model.
             "compute": float(num_params * k * mean_tokens),
         }
@@ -143,95 +178,114 @@ def benchmark_metrics(samples: list[dict], num_samples: int, modes: dict[str, in
     return metrics
 
 
-def write_outputs(result: EvalResult, out_dir: Path) -> None:
-    """eval.json (every metric per mode), samples.jsonl (every sample) and scaling.png."""
+def write_outputs(result: EvalResult, out_dir: Path) -> list[Path]:
+    """eval.json (every metric per mode; NaN as null), samples.jsonl (every sample), scaling.png and, when steps
+    were checked, calibration.png; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(result.metrics, indent=2))
-    with open(out_dir / "samples.jsonl", "w") as f:
+    paths = [out_dir / "eval.json", out_dir / "samples.jsonl", out_dir / "scaling.png"]
+    paths[0].write_text(json.dumps(_nan_to_none(result.metrics), indent=2))
+    with open(paths[1], "w") as f:
         for sample_record in result.samples:
             f.write(json.dumps(sample_record) + "\n")
-    plot_scaling(result.metrics, out_dir / "scaling.png")
+    plot_scaling(result.metrics, paths[2])
+    if result.metrics["steps_checked"]:
+        paths.append(out_dir / "calibration.png")
+        plot_calibration(result.metrics, paths[3])
+    return paths
 
 
-def plot_scaling(metrics: dict, path: Path) -> None:
-    """Accuracy against thinking compute (parameters x generated tokens per question), a line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    modes = metrics["modes"]
-    figure, axes = plt.subplots(figsize=(6, 4))
-    one_sample = metrics["parameters"] * metrics["mean_response_tokens"]
-    axes.scatter([one_sample], [metrics["pass@1"]], color="black", label="pass@1 (one sample)", zorder=3)
-    for method, style in zip(METHODS, ("s--", "o-", "^:")):
-        xs = [m["compute"] for m in modes.values()]
-        ys = [m[f"{method}@{m['k']}"] for m in modes.values()]
-        axes.plot(xs, ys, style, label={"maj": "majority vote", "sprm": "SPRM best-of-k", "oracle": "oracle"}[method])
-        for mode, x, y in zip(modes, xs, ys):
-            if method == "sprm":
-                axes.annotate(mode, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    axes.set_xscale("log")
-    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the minor labels of a short decade overlap
-    axes.set_xlabel("thinking compute per question (parameters x generated tokens)")
-    axes.set_ylabel("accuracy")
-    axes.set_title("Test-time scaling")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def _nan_to_none(value: Any) -> Any:
+    """NaN (an AUROC without both classes, an empty bin) becomes null: json.dumps would write NaN, which is not JSON."""
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(item) for item in value]
+    return None if isinstance(value, float) and np.isnan(value) else value
 
 
 def print_table(result: EvalResult) -> None:
+    """A row per mode (accuracy of each method, compute), then how well the SPRM separates right from wrong."""
     metrics = result.metrics
-    print(f"{'mode':<8} {'k':>3} {'pass@1':>7} {'maj@k':>7} {'sprm@k':>7} {'oracle@k':>8} {'compute':>10}")
+    print(
+        f"{'mode':<8} {'k':>3} {'pass@1':>7} {'maj@k':>7} {'wmaj@k':>7} {'sprm@k':>7} {'oracle@k':>8} {'compute':>10}"
+    )
     for mode, m in metrics["modes"].items():
         k = m["k"]
         print(
-            f"{mode:<8} {k:>3} {m['pass@1']:>7.3f} {m[f'maj@{k}']:>7.3f} {m[f'sprm@{k}']:>7.3f} "
-            f"{m[f'oracle@{k}']:>8.3f} {m['compute']:>10.3g}"
+            f"{mode:<8} {k:>3} {m['pass@1']:>7.3f} {m[f'maj@{k}']:>7.3f} {m[f'wmaj@{k}']:>7.3f} "
+            f"{m[f'sprm@{k}']:>7.3f} {m[f'oracle@{k}']:>8.3f} {m['compute']:>10.3g}"
         )
+    step = (
+        f"step {metrics['step_auroc']:.3f} ({metrics['steps_checked']} steps)" if metrics["steps_checked"] else "step -"
+    )
     print(
-        f"SPRM AUROC (trajectory score, right vs wrong): {metrics['auroc']:.3f}   "
-        f"questions {metrics['questions']}, samples {metrics['samples']}"
+        f"SPRM AUROC: within-question {metrics['auroc_within']:.3f} ({metrics['auroc_within_questions']} questions), "
+        f"pooled {metrics['auroc_pooled']:.3f}, {step}   questions {metrics['questions']}, samples {metrics['samples']}"
     )
 
 
-def embedded_eval_records(task: ArithmeticTask, questions: int) -> list[dict[str, str]]:
-    """Held-out problems of the embedded task: indices far past anything a run trains on."""
-    return [task.sample(EVAL_INDEX_OFFSET + i) for i in range(questions)]
+def embedded_eval_records(task: ArithmeticTask, questions: int) -> list[dict[str, Any]]:
+    """`questions` distinct evaluation questions of the embedded task, never seen in training: they come from the
+    task's eval split, a set of question texts (by hash, data/arithmetic.py) that the training stream never draws,
+    whatever the run's length, seed or knobs. Their steps can be checked ("checkable_steps": True)."""
+    records: dict[str, dict[str, Any]] = {}
+    # The eval split holds few short questions (1/16 of a few thousand), so draws repeat; a bound ends tiny tasks.
+    for index in range(EVAL_INDEX_OFFSET, EVAL_INDEX_OFFSET + 100 * questions):
+        if len(records) == questions:
+            break
+        problem = task.sample(index, "eval")
+        records.setdefault(problem["question"], {**problem, "checkable_steps": True})
+    if len(records) < questions:
+        raise ValueError(
+            f"the embedded task's eval split gave only {len(records)} distinct questions, fewer than the {questions} "
+            "asked for; ask for fewer questions or widen the task (task.arithmetic.num_steps, operand_range)"
+        )
+    return list(records.values())
+
+
+def eval_records(config: RunConfig) -> list[dict[str, str]]:
+    """The run's evaluation questions: the first `eval.questions` of the first task file, or held-out problems of
+    the embedded task."""
+    task = config.task
+    if not task.files:
+        return embedded_eval_records(task.arithmetic, config.eval.questions)
+    records = load_records(
+        task.files[0],
+        question_field=task.question_field,
+        answer_field=task.answer_field,
+        answer_format=task.answer_format,
+    )
+    return records[: config.eval.questions]
+
+
+def build_tokenizer(config: RunConfig) -> TextTokenizer:
+    """`model.tokenizer`, else the pretrained model's tokenizer.json, else the embedded task's tokenizer."""
+    if config.model.tokenizer:
+        return TextTokenizer.from_file(config.model.tokenizer)
+    if config.model.pretrained:
+        return TextTokenizer.from_file(config.model.pretrained)
+    return build_arithmetic_tokenizer(config.task.arithmetic)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m metastone_jax.evaluate",
         description="Test-time scaling with the SPRM: sample n trajectories per question, pick the best of k.",
+        epilog="Example: python -m metastone_jax.evaluate runs/x eval.questions=64 eval.modes=[low,medium] "
+        "sampling.temperature=0.6",
     )
     parser.add_argument(
         "model",
-        help="a Hugging Face directory (config.json, safetensors, score_module.pt, "
-        "tokenizer.json) or a run directory of ours (its exported model/)",
+        help="a Hugging Face directory (config.json, safetensors, score_module.pt, tokenizer.json) or a run "
+        "directory of ours (its exported model/)",
     )
-    parser.add_argument("--data", help="a local .jsonl/.parquet benchmark (default: the embedded arithmetic task)")
-    parser.add_argument("--question-field", default="question")
-    parser.add_argument("--answer-field", default="answer")
-    parser.add_argument("--tokenizer", help="tokenizer.json when the model directory has none")
     parser.add_argument(
-        "--mode",
-        action="append",
-        choices=list(tts.MODES),
-        help="low (k=2), medium (k=8), high (k=32); repeatable; default all three",
+        "preset",
+        nargs="?",
+        help="a preset in configs/ or a .yaml path for the eval, sampling and task keys (default: the run "
+        "directory's config.yaml, else tiny)",
     )
-    parser.add_argument("--k", type=int, action="append", help="an explicit k instead of the modes; repeatable")
-    parser.add_argument("--samples", type=int, help="n samples per question (default: the largest k)")
-    parser.add_argument("--questions", type=int, default=64, help="questions to evaluate (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.questions=64")
     parser.add_argument("--out", help="output directory (default: <model>/eval)")
     parser.add_argument(
         "--distributed",
@@ -239,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         help="join a multi-host run with jax.distributed.initialize() (TPU pods, SLURM: auto-detected)",
     )
     args = parser.parse_args(argv)
+    if args.preset and "=" in args.preset:
+        args.overrides.insert(0, args.preset)
+        args.preset = None
     # Under launch.local_cluster or --distributed every process samples its share; the first one writes.
     initialize_from_env(auto_detect=args.distributed)
     try:
@@ -247,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
-        write_outputs(result, out_dir)
+        paths = write_outputs(result, out_dir)
         print_table(result)
-        print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'samples.jsonl'} and {out_dir / 'scaling.png'}")
+        print(f"wrote {', '.join(str(path) for path in paths)}")
     return 0
 
 
@@ -257,34 +314,30 @@ def _run(args) -> tuple[EvalResult, Path]:
     from metastone_jax.hf import load_hf
 
     model_dir = Path(args.model)
+    preset = args.preset
     if (model_dir / "model" / "config.json").is_file():  # a run directory of ours
+        if preset is None and (model_dir / "config.yaml").is_file():
+            preset = model_dir / "config.yaml"
         model_dir = model_dir / "model"
-    tokenizer_path = args.tokenizer or str(model_dir)
-    if args.tokenizer is None and not (model_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {model_dir}; pass --tokenizer PATH")
-    tokenizer = TextTokenizer.from_file(tokenizer_path)
-    modes = {f"k={k}": k for k in args.k} if args.k else {m: tts.MODES[m] for m in (args.mode or tts.MODES)}
-    samples = args.samples or max(modes.values())
-    # The model sharded over every device (of every process): fsdp, which a 32B model needs.
-    model = load_hf(model_dir, mesh=make_mesh(MeshConfig()), dtype=jnp.dtype(args.dtype))
+    config = load_config(preset, [*args.overrides, f"model.pretrained={model_dir}"])
+    if config.model.tokenizer is None and not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}; set model.tokenizer=PATH")
+    tokenizer = build_tokenizer(config)
+    # The model sharded over the configured mesh of every device (of every process): fsdp by default.
+    model = load_hf(model_dir, mesh=make_mesh(config.mesh), dtype=jnp.dtype(config.model.dtype))
     if not model.module.with_head:
         raise FileNotFoundError(f"no SPRM head in {model_dir}: expected score_module.pt (or score_module.safetensors)")
-    if args.data:
-        records = load_records(args.data, question_field=args.question_field, answer_field=args.answer_field)
-        records = records[: args.questions]
-    else:
-        records = embedded_eval_records(ArithmeticTask(), args.questions)
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p)
     result = evaluate_records(
         model.module,
         model.params,
         tokenizer,
-        records,
-        sampling=sampling,
-        num_samples=samples,
-        modes=modes,
-        seed=args.seed,
+        eval_records(config),
+        sampling=config.eval_sampling,
+        num_samples=config.eval.samples,
+        modes=config.eval.ks,
+        seed=config.seed,
         mesh=model.mesh,
+        instruction=config.task.instruction,
     )
     return result, Path(args.out) if args.out else model_dir / "eval"
 

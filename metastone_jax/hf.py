@@ -18,19 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from metastone_jax.config import Qwen2Config
-from metastone_jax.models.reflective import Model, ReflectiveModel, param_shardings
+from metastone_jax.config import MeshConfig, Qwen2Config
+from metastone_jax.models.reflective import HEAD, Model, ReflectiveModel, param_shardings
 from metastone_jax.safetensors_io import SafetensorsFiles, save_file
-from metastone_jax.sharding import MeshConfig, make_mesh, to_host
+from metastone_jax.sharding import make_mesh, to_host
 
 HEAD_FILES = ("score_module.pt", "score_module.safetensors")
 
-# How one HF tensor maps onto one of our (per-layer) parameters. `heads` is (num_heads, head_dim) where the HF
-# tensor folds heads into one axis. Each entry: our path, HF name ({i} = layer), layout, folded heads or None.
-_LAYOUTS = ("copy", "transpose", "out_heads", "bias_heads", "in_heads")
-
 
 def _entries(config: Qwen2Config, with_head: bool) -> list[tuple[str, str, str, tuple[int, int] | None]]:
+    """How each HF tensor maps onto one of our (per-layer) parameters: (our path, HF name with {i} for the layer,
+    layout: copy / transpose / out_heads / bias_heads / in_heads, and (num_heads, head_dim) where the HF tensor
+    folds the heads into one axis, else None)."""
     q = (config.num_attention_heads, config.head_dim)
     kv = (config.num_key_value_heads, config.head_dim)
     layer = "model.layers.{i}."
@@ -50,10 +49,10 @@ def _entries(config: Qwen2Config, with_head: bool) -> list[tuple[str, str, str, 
         entries.append(("lm_head/kernel", "lm_head.weight", "transpose", None))
     if with_head:
         entries += [
-            ("sprm/hidden/kernel", "0.weight", "transpose", None),
-            ("sprm/hidden/bias", "0.bias", "copy", None),
-            ("sprm/out/kernel", "3.weight", "transpose", None),
-            ("sprm/out/bias", "3.bias", "copy", None),
+            (f"{HEAD}/hidden/kernel", "0.weight", "transpose", None),
+            (f"{HEAD}/hidden/bias", "0.bias", "copy", None),
+            (f"{HEAD}/out/kernel", "3.weight", "transpose", None),
+            (f"{HEAD}/out/bias", "3.bias", "copy", None),
         ]
     return entries
 
@@ -180,7 +179,7 @@ def load_hf(
     # Check every tensor before reading any.
     plan = []
     for ours, hf_name, layout, heads in _entries(config, with_head):
-        source = head if ours.startswith("sprm/") else weights
+        source = head if ours.startswith(f"{HEAD}/") else weights
         layered = "/layers/" in ours
         names = [hf_name.format(i=i) for i in range(config.num_hidden_layers)] if layered else [hf_name]
         expected = _hf_shape(layout, shapes[ours][1:] if layered else shapes[ours])
@@ -239,7 +238,7 @@ def save_hf(model: Model, path: str | Path, *, max_shard_bytes: int = 4 << 30) -
     is_writer = jax.process_index() == 0
     flat = traverse_util.flatten_dict(model.params, sep="/")
     plan = _export_plan(model)
-    body = [entry for entry in plan if not entry[1].startswith("sprm/")]
+    body = [entry for entry in plan if not entry[1].startswith(f"{HEAD}/")]
 
     def nbytes(entry):
         array = flat[entry[1]]
@@ -280,7 +279,7 @@ def save_hf(model: Model, path: str | Path, *, max_shard_bytes: int = 4 << 30) -
             "weight_map": {entry[0]: file for file, entries in zip(files, shards) for entry in entries},
         }
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    head = tensors([entry for entry in plan if entry[1].startswith("sprm/")])
+    head = tensors([entry for entry in plan if entry[1].startswith(f"{HEAD}/")])
     if is_writer and head:
         _save_head(head, path)
 

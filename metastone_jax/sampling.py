@@ -12,7 +12,6 @@ scored anyway: a step is scored at the position *before* its delimiter, and that
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -21,29 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metastone_jax.config import SamplingConfig
 from metastone_jax.models.qwen2 import init_cache
 from metastone_jax.models.reflective import ReflectiveModel
 from metastone_jax.models.sprm import step_score_mask, trajectory_score
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """temperature 0 is greedy (top_p/top_k ignored); top_p 1.0 and top_k 0 switch those filters off."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 disables nucleus filtering)")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k filtering)")
 
 
 class SampleOutput(NamedTuple):
@@ -96,9 +76,12 @@ def sample(
 ) -> SampleOutput:
     """Samples `num_samples` responses per LEFT-padded prompt [B, P]; rows i*k .. i*k+k-1 belong to prompt i.
 
-    Jitted; pure in (params, prompts, key). Works under `jax.set_mesh` with sharded params and inside a shard_map
-    manual over `data` (there, fold the replica index into `key` for different draws per replica). The logical-axis
-    rules in effect at the call (`nn.logical_axis_rules`) are applied inside. Every prompt needs a real last token.
+    Jitted; pure in (params, prompts, key). `key` is one key for the call, or [B] keys, one per prompt: row i*k+j
+    then draws from fold_in(key[i], j) alone, so a prompt's samples do not depend on the other prompts of the call
+    (rollouts sampled in chunks of prompts equal one call). Works under `jax.set_mesh` with sharded params and inside
+    a shard_map manual over `data` (there, fold the replica index into `key` for different draws per replica). The
+    logical-axis rules in effect at the call (`nn.logical_axis_rules`) are applied inside. Every prompt needs a real
+    last token.
     """
     prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, bool)
     if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
@@ -110,6 +93,8 @@ def sample(
         raise ValueError(f"num_samples={num_samples} must be at least 1")
     if len(eos_ids) == 0:
         raise ValueError("eos_ids is empty; pass at least one end-of-sequence token id")
+    if key.shape not in ((), prompt_tokens.shape[:1]):
+        raise ValueError(f"key of shape {key.shape} must be one key or one per prompt ({prompt_tokens.shape[0]},)")
     # Flax keeps the rules in a thread-local that jit does not see; passing them as a static argument keys the
     # compilation cache on them.
     rules = tuple(
@@ -167,7 +152,18 @@ def _generate(module, params, prompt_tokens, prompt_mask, key, eos, pad_id, conf
     kv_mask = repeat(kv_mask)
     real_prompt_lengths = repeat(prompt_mask.sum(axis=-1).astype(jnp.int32))
 
-    first = next_tokens(repeat(prefill.logits[:, -1]), jax.random.fold_in(key, 0), config)
+    if key.ndim:
+        row_keys = jax.vmap(jax.random.fold_in)(repeat(key), jnp.tile(jnp.arange(num_samples), batch))
+
+        def draw(logits, index):  # [rows, vocab] -> [rows]: row r from fold_in(row_keys[r], index)
+            keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, index)
+            return jax.vmap(lambda row, row_key: next_tokens(row[None], row_key, config)[0])(logits, keys)
+    else:
+
+        def draw(logits, index):
+            return next_tokens(logits, jax.random.fold_in(key, index), config)
+
+    first = draw(repeat(prefill.logits[:, -1]), 0)
     response = jnp.full((rows, new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     # Initial carries are built *like* arrays computed from the prompts so that, inside a shard_map, they vary over
     # the manual axes as the loop body's outputs do (while_loop demands equal types).
@@ -187,7 +183,7 @@ def _generate(module, params, prompt_tokens, prompt_mask, key, eos, pad_id, conf
         fed = jax.lax.dynamic_index_in_dim(state.response, state.step, axis=1)  # [rows, 1]
         positions = (real_prompt_lengths + state.step)[:, None]
         out = forward(fed, positions, kv_mask, state.cache, prompt_length + state.step)
-        drawn = next_tokens(out.logits[:, 0], jax.random.fold_in(key, state.step + 1), config)
+        drawn = draw(out.logits[:, 0], state.step + 1)
         token = jnp.where(state.done, pad_id, drawn)
         response_logits = state.response_logits
         if out.step_logits is not None:

@@ -6,7 +6,6 @@ Mesh axes: `data` is the replica axis the relaxed-communication algorithms run o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -15,7 +14,10 @@ import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from metastone_jax.config import MESH_AXES, MeshConfig
+
+# The replica axis of the relaxed-communication algorithms and of every train step's shard_map.
+DATA_AXIS = MESH_AXES[0]
 
 # Parameters use the plain names, activations the `act_` ones, so that one table can shard weights over
 # `fsdp` (ZeRO-3 style) while activations shard their batch over `data` and `fsdp`.
@@ -39,44 +41,14 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Sizes of the mesh axes; one of them may be -1 to take all remaining devices."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-
-    def shape(self, num_devices: int) -> tuple[int, int, int]:
-        sizes = [self.data, self.fsdp, self.tensor]
-        described = " x ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
-        if any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh {described}: every axis size must be a positive integer or -1")
-        if sizes.count(-1) > 1:
-            raise ValueError(f"mesh {described}: at most one axis may be -1 (take the remaining devices)")
-        known = math.prod(s for s in sizes if s != -1)
-        if -1 in sizes:
-            if num_devices % known:
-                raise ValueError(
-                    f"mesh {described}: {num_devices} devices are not divisible by the fixed axes' product {known}"
-                )
-            sizes[sizes.index(-1)] = num_devices // known
-        elif known != num_devices:
-            raise ValueError(
-                f"mesh {described} needs {known} devices but {num_devices} are available; "
-                f"make the product of the axis sizes equal {num_devices} or set one axis to -1"
-            )
-        return tuple(sizes)
-
-
-def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (all devices by default), with Auto axis types.
 
     Devices of several TPU slices (joined by DCN) are laid out with `data` across the slices and `fsdp`/`tensor`
     inside each, so that only the replica axis crosses the slow links.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = config.shape(len(devices))
+    shape = (config or MeshConfig()).shape(len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * 3
     slices = len({getattr(device, "slice_index", 0) for device in devices})
     if slices == 1:
@@ -111,10 +83,6 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partition
             names = ()
         fitted.append(names[0] if len(names) == 1 else (names or None))
     return PartitionSpec(*fitted)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
 
 
 def to_device(tree, sharding: NamedSharding):

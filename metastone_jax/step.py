@@ -1,12 +1,13 @@
 """Pure train steps `(state, batch) -> (state, metrics)`: one shard_map manual over the replica axis `data`.
 
-Inside the shard_map each replica computes the gradient of its own slice of the batch and hands it to the
-communication algorithm (`comms.apply_gradients`); `fsdp` and `tensor` are left to the compiler through the
-logical-axis rules. Every TrainState leaf except `step` carries a leading replica dimension sharded over `data`.
+Inside the shard_map each replica computes the gradient of its own slice of the batch, micro-batch by micro-batch
+when the slice is split (a scan that adds the gradients), and hands it to the communication algorithm
+(`comms.apply_gradients`) once; `fsdp` and `tensor` are left to the compiler through the logical-axis rules.
+Every TrainState leaf except `step` carries a leading replica dimension sharded over `data`.
 
-The optimizer is two optimizers side by side: the policy's for every parameter outside params["sprm"] and the
-SPRM head's own AdamW for params["sprm"] (SPEC §6), each with its own global-norm clipping, as the released code
-clips and steps the actor and the score module separately.
+The optimizer is two optimizers side by side: the policy's for every parameter outside params[HEAD] and the
+SPRM head's own AdamW for params[HEAD] (docs/algorithms.md), each with its own global-norm clipping, as the
+released code clips and steps the actor and the score module separately.
 """
 
 from __future__ import annotations
@@ -23,13 +24,20 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import comms
-from metastone_jax.losses import RLLossConfig, group_advantages, rl_loss, sft_loss, token_logprobs
-from metastone_jax.models.reflective import ReflectiveModel, init_params, param_shardings
-from metastone_jax.sharding import logical_rules, to_device
+from metastone_jax.config import RLConfig
+from metastone_jax.losses import (
+    Totals,
+    chunked_next_token_scores,
+    group_advantages,
+    rl_loss,
+    sft_loss,
+    spr_step_weights,
+    token_count,
+)
+from metastone_jax.models.reflective import HEAD, ReflectiveModel, init_params, param_shardings
+from metastone_jax.sharding import DATA_AXIS, LOGICAL_RULES, fit_spec, logical_rules, to_device
 
 PyTree = Any
-DATA = "data"
-HEAD = "sprm"  # params[HEAD] is the SPRM head; everything else is the policy
 SFT_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
 RL_BATCH_KEYS = ("tokens", "attention_mask", "response_mask", "rewards", "outcome", "step_mask")
 
@@ -42,7 +50,7 @@ class TrainState(NamedTuple):
 
 
 def param_labels(params: PyTree) -> PyTree:
-    """`"head"` for every leaf under params["sprm"], `"policy"` for the rest (the labels of `make_optimizer`)."""
+    """`"head"` for every leaf under params[HEAD], `"policy"` for the rest (the labels of `make_optimizer`)."""
     return {
         name: jax.tree.map(lambda _, label=("head" if name == HEAD else "policy"): label, sub)
         for name, sub in params.items()
@@ -92,52 +100,65 @@ def _forward(module, params, batch, **kwargs):
 
 
 def _state_specs() -> TrainState:
-    return TrainState(step=P(), params=P(DATA), opt_state=P(DATA), comm_state=P(DATA))
+    return TrainState(step=P(), params=P(DATA_AXIS), opt_state=P(DATA_AXIS), comm_state=P(DATA_AXIS))
 
 
-def _init_fn(algorithm, tx, mesh):
-    """shard_map'd: params without the replica dimension -> the TrainState at step 0."""
+def _init_fn(algorithm, tx, mesh, step: int = 0):
+    """shard_map'd: params without the replica dimension -> the TrainState at `step`."""
 
     def init(params):
         return TrainState(
-            step=jnp.zeros([], jnp.int32),
+            step=jnp.full([], step, jnp.int32),
             params=comms.add_replica_dim(params),
             opt_state=comms.add_replica_dim(tx.init(params)),
             comm_state=comms.add_replica_dim(algorithm.init(params)),
         )
 
     # algorithm.init may read the replica count, so it runs inside the shard_map.
-    return jax.shard_map(init, mesh=mesh, in_specs=P(), out_specs=_state_specs(), axis_names={DATA})
+    return jax.shard_map(init, mesh=mesh, in_specs=P(), out_specs=_state_specs(), axis_names={DATA_AXIS})
 
 
+@functools.cache
 def train_state_shardings(
     module: ReflectiveModel, algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, mesh
 ) -> TrainState:
-    """NamedShardings of every TrainState leaf: replica dimension over `data`, the rest as the parameter it mirrors.
+    """NamedShardings of every TrainState leaf: the replica dimension over `data`, the rest by logical axes.
 
-    An optimizer or algorithm leaf that mirrors a parameter (its key path ends with that parameter's path and the
-    shapes agree, e.g. Adam's moments) is sharded like it over `fsdp`/`tensor`; any other leaf (counts, flat error
-    buffers) is replicated inside its replica group.
+    The state is traced from the parameters with their logical-axis boxes (`nn.with_logical_partitioning`) still
+    on, so a leaf the optimizer or the algorithm builds from a parameter (Adam's moments, a neighbour's copy) keeps
+    that parameter's axis names and is sharded like it; any other leaf (counts, flat error buffers) is replicated
+    inside its replica group. Computed once per (module, algorithm, optimizer, mesh).
     """
-    shardings = param_shardings(module, mesh)
-    abstract_params = jax.eval_shape(lambda key: init_params(module, key), jax.random.key(0))
-    by_path = {
-        tuple(path): (leaf.shape, sharding.spec)
-        for (path, leaf), sharding in zip(
-            jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(shardings)
-        )
-    }
-    abstract_state = jax.eval_shape(_init_fn(algorithm, tx, mesh), abstract_params)
+    boxed_params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    abstract_state = jax.eval_shape(_init_fn(algorithm, tx, mesh), boxed_params)
 
-    def leaf_sharding(path, leaf):
-        for start in range(len(path)):
-            shape, spec = by_path.get(tuple(path[start:]), (None, None))
-            if shape == leaf.shape[1:]:
-                return NamedSharding(mesh, P(DATA, *spec))
-        return NamedSharding(mesh, P(DATA))
+    def leaf_sharding(leaf):
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            return NamedSharding(mesh, P(DATA_AXIS))
+        if not hasattr(leaf.value, "shape"):  # a masked-out entry of the other optimizer (optax.MaskedNode)
+            return leaf.value
+        if len(leaf.names) != leaf.value.ndim - 1:  # built from a parameter but reshaped (a flat buffer)
+            return NamedSharding(mesh, P(DATA_AXIS))
+        spec = nn.logical_to_mesh_axes(leaf.names, LOGICAL_RULES)
+        return NamedSharding(mesh, fit_spec(P(DATA_AXIS, *spec), leaf.value.shape, mesh))
 
-    per_replica = jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state._replace(step=None))
+    per_replica = jax.tree.map(
+        leaf_sharding, abstract_state._replace(step=None), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
     return per_replica._replace(step=NamedSharding(mesh, P()))
+
+
+def abstract_train_state(
+    module: ReflectiveModel, algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, mesh
+) -> TrainState:
+    """The TrainState's shapes, dtypes and shardings (`jax.ShapeDtypeStruct` leaves), without building it."""
+    abstract_params = jax.eval_shape(lambda key: init_params(module, key), jax.random.key(0))
+    shapes = jax.eval_shape(_init_fn(algorithm, tx, mesh), abstract_params)
+    return jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        shapes,
+        train_state_shardings(module, algorithm, tx, mesh),
+    )
 
 
 def init_train_state(
@@ -146,53 +167,89 @@ def init_train_state(
     tx: optax.GradientTransformation,
     mesh,
     key_or_params: jax.Array | PyTree,
+    step: int = 0,
 ) -> TrainState:
-    """Step 0: every replica starts from the same parameters (a typed PRNG key initialises them at random)."""
+    """The state at global `step` (0 for a new run), every replica at the same parameters (a typed PRNG key
+    initialises them at random) with a fresh optimizer and algorithm state."""
     if isinstance(key_or_params, jax.Array) and jax.dtypes.issubdtype(key_or_params.dtype, jax.dtypes.prng_key):
         params = init_params(module, key_or_params, mesh)
     else:
         params = jax.device_put(key_or_params, param_shardings(module, mesh))
     shardings = train_state_shardings(module, algorithm, tx, mesh)
-    return jax.jit(_init_fn(algorithm, tx, mesh), out_shardings=shardings)(params)
+    return jax.jit(_init_fn(algorithm, tx, mesh, step), out_shardings=shardings)(params)
 
 
 # ----------------------------------------------------------------------------------------------- the steps
 
 
-def _make_step(module, algorithm, tx, mesh, replica_loss, prepare, required_keys, extra_shardings=()):
-    """Jits one train step around `replica_loss(params, batch, step, *extras) -> (loss, metrics)` (one replica).
+def _projection(module: ReflectiveModel, params: PyTree, temperature: float = 1.0) -> Callable[[jax.Array], jax.Array]:
+    """The LM head of `params` at `temperature`: final hidden states [B, T, C] -> logits / temperature."""
+    return lambda hidden: module.apply({"params": params}, hidden, method=ReflectiveModel.project) / temperature
+
+
+def _split_micro_batches(batch: dict, count: int) -> dict:
+    """Every leaf [rows, ...] -> [count, rows / count, ...]: micro-batch m is the m-th block of consecutive rows."""
+    return jax.tree.map(lambda x: x.reshape(count, -1, *x.shape[1:]), batch)
+
+
+def _accumulate_gradients(loss_fn, params: PyTree, micro_batches: dict) -> tuple[PyTree, dict]:
+    """(Σ_m ∇loss_fn(params, micro-batch m), Σ_m metrics) over the leading axis of `micro_batches`, by a scan that
+    keeps one micro-batch's activations at a time. `loss_fn(params, micro_batch) -> (loss, metrics)` divides by its
+    replica's whole-slice totals, so that the sums are the slice's gradient and metrics."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
+        return grad_fn(params, first)
+
+    def add(total, micro_batch):
+        return jax.tree.map(jnp.add, total, grad_fn(params, micro_batch)), None
+
+    # The carry varies over `data` like the gradients that are added to it (shard_map checks scan carries' types).
+    zeros = jax.tree.map(
+        lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), DATA_AXIS, to="varying"),
+        jax.eval_shape(grad_fn, params, first),
+    )
+    return jax.lax.scan(add, zeros, micro_batches)[0]
+
+
+def _make_step(
+    module, algorithm, tx, mesh, replica_gradients, prepare, required_keys, micro_batch_size, extra_shardings=()
+):
+    """Jits one train step around `replica_gradients(params, batch, step, *extras, micro_batches=M)
+    -> (gradients, metrics)` (one replica, its slice of the batch split into M micro-batches).
 
     `prepare(batch)` runs on the global batch before the shard_map (e.g. GRPO advantages over whole groups);
-    `extras` are replicated over `data` (e.g. the frozen reference parameters). The returned step takes
+    `extras` are replicated over `data` (e.g. the frozen reference parameters). `micro_batch_size` rows of the
+    global batch make one micro-batch (0: the whole batch). The returned step takes
     `phase=algorithm.phase(k)`, k the number of updates the state's optimizer has taken, to compile the optimizer's
     path for that phase alone (None: chosen at run time; see comms.api).
     """
-    rules = logical_rules(manual_axes=(DATA,))
+    rules = logical_rules(manual_axes=(DATA_AXIS,))
 
-    def per_replica(state: TrainState, batch, *extras, phase):
+    def per_replica(state: TrainState, batch, *extras, phase, micro_batches):
         params, opt_state, comm_state = map(comms.strip_replica_dim, (state.params, state.opt_state, state.comm_state))
         with nn.logical_axis_rules(rules):
-            grads, metrics = jax.grad(replica_loss, has_aux=True)(params, batch, state.step, *extras)
+            grads, metrics = replica_gradients(params, batch, state.step, *extras, micro_batches=micro_batches)
         params, opt_state, comm_state = comms.apply_gradients(
             algorithm, tx, grads, params, opt_state, comm_state, state.step, phase
         )
         new_state = TrainState(state.step + 1, *map(comms.add_replica_dim, (params, opt_state, comm_state)))
-        return new_state, comms.pmean(metrics, DATA)
+        return new_state, comms.pmean(metrics, DATA_AXIS)
 
     extra_specs = tuple(P() for _ in extra_shardings)
-    num_replicas = mesh.shape[DATA]
+    num_replicas = mesh.shape[DATA_AXIS]
 
     state_shardings = train_state_shardings(module, algorithm, tx, mesh)
-    batch_sharding = NamedSharding(mesh, P(DATA))
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
 
     @functools.cache
-    def jitted(phase):
+    def jitted(phase, micro_batches):
         sharded = jax.shard_map(
-            functools.partial(per_replica, phase=phase),
+            functools.partial(per_replica, phase=phase, micro_batches=micro_batches),
             mesh=mesh,
-            in_specs=(_state_specs(), P(DATA), *extra_specs),
+            in_specs=(_state_specs(), P(DATA_AXIS), *extra_specs),
             out_specs=(_state_specs(), P()),
-            axis_names={DATA},
+            axis_names={DATA_AXIS},
         )
         return jax.jit(
             lambda state, batch, *extras: sharded(state, prepare(batch), *extras),
@@ -208,25 +265,50 @@ def _make_step(module, algorithm, tx, mesh, replica_loss, prepare, required_keys
         size = batch["tokens"].shape[0]
         if size % num_replicas:
             raise ValueError(f"batch size {size} is not divisible by the {num_replicas} replicas of the `data` axis")
-        return jitted(phase)(state, to_device(batch, batch_sharding), *extras)
+        micro = micro_batch_size or size
+        if size % micro or micro % num_replicas:
+            raise ValueError(
+                f"micro_batch_size={micro} must divide the batch size {size} and be a multiple of the "
+                f"{num_replicas} replicas of the `data` axis"
+            )
+        return jitted(phase, size // micro)(state, to_device(batch, batch_sharding), *extras)
 
     return checked
 
 
 def make_sft_step(
-    module: ReflectiveModel, algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, mesh
+    module: ReflectiveModel,
+    algorithm: comms.CommAlgorithm,
+    tx: optax.GradientTransformation,
+    mesh,
+    *,
+    micro_batch_size: int = 0,
+    logits_chunk: int = 0,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Next-token cross entropy on reference solutions. Batch: tokens, attention_mask, loss_mask (all [B, T]).
 
-    The head is not trained: its gradients are zero (its AdamW weight decay still shrinks it by lr·wd per step).
+    `micro_batch_size` rows at a time accumulate the gradient (0: the whole batch at once); the loss divides by the
+    replica's whole count of loss tokens, so the update equals the one-batch update. `logits_chunk` positions at a
+    time have logits (0: all; `losses.chunked_next_token_scores`). The head is not trained: its gradients are zero
+    (its AdamW weight decay still shrinks it by lr·wd per step).
     """
 
-    def replica_loss(params, batch, step):
-        logits = _forward(module, params, batch).logits
-        loss = sft_loss(logits, batch["tokens"], batch["loss_mask"])
-        return loss, {"loss": loss}
+    def replica_gradients(params, batch, step, micro_batches):
+        loss_tokens = token_count(batch["loss_mask"])
 
-    return _make_step(module, algorithm, tx, mesh, replica_loss, lambda batch: batch, SFT_BATCH_KEYS)
+        def micro_loss(params, micro_batch):
+            hidden = _forward(module, params, micro_batch, with_logits=False).hidden
+            logprobs, _ = chunked_next_token_scores(
+                hidden, _projection(module, params), micro_batch["tokens"], logits_chunk
+            )
+            loss = sft_loss(logprobs, micro_batch["loss_mask"], loss_tokens)
+            return loss, {"loss": loss}
+
+        return _accumulate_gradients(micro_loss, params, _split_micro_batches(batch, micro_batches))
+
+    return _make_step(
+        module, algorithm, tx, mesh, replica_gradients, lambda batch: batch, SFT_BATCH_KEYS, micro_batch_size
+    )
 
 
 def make_rl_step(
@@ -234,8 +316,11 @@ def make_rl_step(
     algorithm: comms.CommAlgorithm,
     tx: optax.GradientTransformation,
     mesh,
-    loss_config: RLLossConfig,
+    config: RLConfig,
+    temperature: float = 1.0,
     dropout_seed: int = 0,
+    *,
+    logits_chunk: int = 0,
 ) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
     """GRPO for the policy + SPR for the head in one backward pass: `step(state, batch, ref_params)`.
 
@@ -243,8 +328,16 @@ def make_rl_step(
     response_mask (token frame: the generated tokens), rewards, outcome (1 right / 0 wrong), step_mask (position
     frame, from `models.sprm.step_score_mask`), and optionally old_logprobs [B, T] (without them the update is
     on-policy: old = current, detached). `ref_params` are the frozen reference policy's (no replica dimension);
-    its log-probabilities are computed here. The head's dropout key of replica r at step t is
-    fold_in(fold_in(key(dropout_seed), t), r).
+    its log-probabilities are computed here. `logits_chunk` as in `make_sft_step`.
+
+    Micro-batches (`config.micro_batch_size` rows of the batch each) accumulate the gradient of one update, equal to
+    the one-batch gradient: the advantages are computed on the global batch before the shard_map; every average
+    divides its micro-batches' sums by the replica's whole-slice total (`losses.Totals`): its response tokens, and
+    the sum of its SPR weights. Those weights need the class counts of every kept step, on all devices, before the
+    first gradient: a forward of the policy without gradient finds them (the price of exactness, one forward per
+    update), and the gradient pass uses its kept steps. The head's dropout key of micro-batch m on replica r at
+    step t is fold_in(fold_in(fold_in(key(dropout_seed), t), r), m); different micro-batch sizes draw different
+    dropout masks, so the updates are equal only without dropout (docs/algorithms.md).
     """
 
     if not module.with_head:
@@ -252,34 +345,79 @@ def make_rl_step(
 
     def prepare(batch):
         # Advantages on the global batch, so a group never straddles two replicas.
-        return {**batch, "advantages": group_advantages(batch["rewards"], loss_config.group_size)}
+        return {**batch, "advantages": group_advantages(batch["rewards"], config.group_size)}
 
-    def replica_loss(params, batch, step, ref_params):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), step), jax.lax.axis_index(DATA))
-        ref_logits = _forward(module, ref_params, batch).logits / loss_config.temperature
-        ref_logprobs = jax.lax.stop_gradient(token_logprobs(ref_logits, batch["tokens"]))
-        out = _forward(
+    def policy_forward(params, micro_batch):
+        return _forward(
             module,
             params,
-            batch,
+            micro_batch,
+            with_logits=False,
             deterministic=False,
-            sprm_backbone_grad_scale=loss_config.sprm_backbone_grad_scale,
-            rngs={"dropout": key},
-        )
-        return rl_loss(
-            out.logits,
-            out.step_logits,
-            batch["tokens"],
-            batch["response_mask"],
-            batch["advantages"],
-            ref_logprobs,
-            batch["step_mask"],
-            batch["outcome"],
-            loss_config,
-            old_logprobs=batch.get("old_logprobs"),
-            axis_names=(DATA,),
+            sprm_backbone_grad_scale=config.sprm_backbone_grad_scale,
+            rngs={"dropout": micro_batch["dropout_key"]},
         )
 
+    def scores(params, hidden, tokens):
+        return chunked_next_token_scores(hidden, _projection(module, params, temperature), tokens, logits_chunk)
+
+    def replica_gradients(params, batch, step, ref_params, micro_batches):
+        replica_key = jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(dropout_seed), step), jax.lax.axis_index(DATA_AXIS)
+        )
+        micro = _split_micro_batches(batch, micro_batches)
+        micro["dropout_key"] = jax.vmap(jax.random.fold_in, (None, 0))(replica_key, jnp.arange(micro_batches))
+
+        def without_gradient(micro_batch):
+            ref_hidden = _forward(module, ref_params, micro_batch, with_logits=False).hidden
+            ref_logprobs = scores(ref_params, ref_hidden, micro_batch["tokens"])[0]
+            if micro_batches == 1:
+                return ref_logprobs, None
+            return ref_logprobs, policy_forward(params, micro_batch).step_logits
+
+        ref_logprobs, step_logits = jax.lax.map(without_gradient, micro)
+        micro["ref_logprobs"] = jax.lax.stop_gradient(ref_logprobs)
+        totals = None
+        if micro_batches > 1:
+            whole = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+            weights = spr_step_weights(
+                whole(step_logits), whole(micro["step_mask"]), whole(micro["outcome"]), (DATA_AXIS,)
+            )
+            micro["spr_weights"] = weights.reshape(step_logits.shape)
+            totals = Totals(token_count(batch["response_mask"]), weights.sum())
+
+        def micro_loss(params, micro_batch):
+            out = policy_forward(params, micro_batch)
+            logprobs, entropies = scores(params, out.hidden, micro_batch["tokens"])
+            weights = micro_batch.get("spr_weights")
+            if weights is None:  # one micro-batch: the kept steps of this very forward
+                weights = spr_step_weights(
+                    out.step_logits, micro_batch["step_mask"], micro_batch["outcome"], (DATA_AXIS,)
+                )
+            return rl_loss(
+                logprobs,
+                entropies,
+                out.step_logits,
+                micro_batch["response_mask"],
+                micro_batch["advantages"],
+                micro_batch["ref_logprobs"],
+                weights,
+                micro_batch["outcome"],
+                config,
+                old_logprobs=micro_batch.get("old_logprobs"),
+                totals=totals,
+            )
+
+        return _accumulate_gradients(micro_loss, params, micro)
+
     return _make_step(
-        module, algorithm, tx, mesh, replica_loss, prepare, RL_BATCH_KEYS, (param_shardings(module, mesh),)
+        module,
+        algorithm,
+        tx,
+        mesh,
+        replica_gradients,
+        prepare,
+        RL_BATCH_KEYS,
+        config.micro_batch_size,
+        (param_shardings(module, mesh),),
     )

@@ -123,7 +123,7 @@ def test_the_tiny_rl_step_and_sampler_compile_with_the_memory_they_should_take(t
 def test_the_tiny_programs_flops_agree_with_a_count_of_their_matrices(tiny_reports):
     reports, config = tiny_reports
     prompts, rows, length = config.rl.prompts_per_step, config.rl.prompts_per_step * config.rl.group_size, 80
-    assert length == 32 + config.rl.max_new_tokens
+    assert length == 32 + config.sampling.max_new_tokens
     # The policy's forward and backward pass (3 forward passes' worth) and the reference policy's forward pass.
     assert reports["rl_step"].model_flops == pytest.approx(4 * forward_flops(rows * length, rows * causal(length)))
     # Prefill of the prompts, then one decode step of every row, its query against the whole cache.

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from metastone_jax import losses
+from metastone_jax.config import RLConfig
 
 B, T, V = 4, 7, 11
 
@@ -53,7 +54,8 @@ def np_entropy_per_token(logits):
 
 
 def np_spr_loss(step_logits, step_mask, outcome, global_counts=None):
-    """SPEC §6 with explicit loops; `global_counts` (pos, neg) before the +1 replace the local ones."""
+    """The SPR loss of docs/algorithms.md with explicit loops; `global_counts` (pos, neg) before the +1 replace
+    the local ones."""
     pos = neg = 0
     kept = []
     for b in range(step_logits.shape[0]):
@@ -75,40 +77,43 @@ def np_spr_loss(step_logits, step_mask, outcome, global_counts=None):
     return numerator / (denominator + 1e-5)
 
 
+def spr_loss(step_logits, step_mask, outcome, axis_names=()):
+    step_logits, step_mask, outcome = map(jnp.asarray, (step_logits, step_mask, outcome))
+    weights = losses.spr_step_weights(step_logits, step_mask, outcome, axis_names)
+    return losses.spr_loss(step_logits, weights, outcome)
+
+
 def np_kept_counts(step_logits, step_mask, outcome):
     right = np.asarray(outcome)[:, None] > 0.5
     kept = step_mask & np.where(right, step_logits > 0, step_logits < 0)
     return int((kept & right).sum()), int((kept & ~right).sum())
 
 
-def test_token_logprobs_score_each_token_with_the_previous_positions_logits():
+def test_next_token_scores_are_each_tokens_logprob_and_its_distributions_entropy():
     _, logits, tokens, _ = _random_inputs()
-    got = np.asarray(losses.token_logprobs(jnp.asarray(logits), jnp.asarray(tokens)))
-    np.testing.assert_allclose(got, np_token_logprobs(logits, tokens), atol=1e-5)
-    assert np.all(got[:, 0] == 0.0)
+    logprobs, entropies = map(np.asarray, losses.next_token_scores(jnp.asarray(logits), jnp.asarray(tokens)))
+    np.testing.assert_allclose(logprobs, np_token_logprobs(logits, tokens), atol=1e-5)
+    np.testing.assert_allclose(entropies, np_entropy_per_token(logits), atol=1e-5)
+    assert np.all(logprobs[:, 0] == 0.0) and np.all(entropies[:, 0] == 0.0)
 
 
 def test_sft_loss_is_the_token_mean_cross_entropy_over_the_mask():
     _, logits, tokens, mask = _random_inputs(1)
-    got = losses.sft_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+    logprobs, _ = losses.next_token_scores(jnp.asarray(logits), jnp.asarray(tokens))
+    got = losses.sft_loss(logprobs, jnp.asarray(mask))
     np.testing.assert_allclose(got, np_token_mean(-np_token_logprobs(logits, tokens), mask), rtol=1e-5)
-
-
-def test_entropy_is_the_token_mean_of_each_predictive_distributions_entropy():
-    _, logits, _, mask = _random_inputs(2)
-    got = losses.entropy(jnp.asarray(logits), jnp.asarray(mask))
-    np.testing.assert_allclose(got, np_token_mean(np_entropy_per_token(logits), mask), rtol=1e-5)
 
 
 def test_empty_masks_give_zero_losses_not_nan():
     _, logits, tokens, _ = _random_inputs(3)
     empty = jnp.zeros((B, T), bool)
-    lp = losses.token_logprobs(jnp.asarray(logits), jnp.asarray(tokens))
-    assert float(losses.sft_loss(jnp.asarray(logits), jnp.asarray(tokens), empty)) == 0.0
-    assert float(losses.entropy(jnp.asarray(logits), empty)) == 0.0
+    lp, entropies = losses.next_token_scores(jnp.asarray(logits), jnp.asarray(tokens))
+    assert float(losses.sft_loss(lp, empty)) == 0.0
+    assert float(losses.token_mean(entropies, empty)) == 0.0
     assert float(losses.policy_loss(lp, lp + 0.3, jnp.ones((B,)), empty)) == 0.0
     assert float(losses.kl_k3(lp, lp - 1.0, empty)) == 0.0
-    assert float(losses.spr_loss(jnp.ones((B, T)), empty, jnp.ones((B,)))) == 0.0
+    step_logits, outcome = jnp.ones((B, T)), jnp.ones((B,))
+    assert float(losses.spr_loss(step_logits, losses.spr_step_weights(step_logits, empty, outcome), outcome)) == 0.0
 
 
 def test_group_advantages_normalise_each_group_by_its_unbiased_std():
@@ -170,7 +175,7 @@ def test_spr_loss_matches_the_class_balanced_filtered_bce_of_the_spec(seed):
     step_logits = rng.normal(scale=2.0, size=(6, 9)).astype(np.float32)
     step_mask = rng.random((6, 9)) < 0.5
     outcome = np.array([1, 0, 1, 1, 0, 0], np.float32)
-    got = losses.spr_loss(jnp.asarray(step_logits), jnp.asarray(step_mask), jnp.asarray(outcome))
+    got = spr_loss(step_logits, step_mask, outcome)
     np.testing.assert_allclose(got, np_spr_loss(step_logits, step_mask, outcome), rtol=1e-5)
 
 
@@ -178,7 +183,7 @@ def test_spr_loss_keeps_only_steps_whose_prediction_agrees_with_the_outcome():
     # Right trajectory: s = +2 agrees, s = −3 does not (dropped); wrong trajectory: s = −1 agrees, s = +4 does not.
     step_logits = jnp.array([[2.0, -3.0], [-1.0, 4.0]])
     step_mask = jnp.ones((2, 2), bool)
-    got = losses.spr_loss(step_logits, step_mask, jnp.array([1.0, 0.0]))
+    got = spr_loss(step_logits, step_mask, jnp.array([1.0, 0.0]))
     pos = neg = 2.0  # one kept step of each class, + 1
     w_pos, w_neg = 1.5 * neg / (pos + neg), pos / (pos + neg)
     bce_pos, bce_neg = np.log1p(np.exp(-2.0)), np.log1p(np.exp(-1.0))
@@ -195,7 +200,7 @@ def test_spr_counts_summed_over_four_devices_equal_the_whole_batchs_counts():
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
     def per_device_loss(step_logits, step_mask, outcome):
-        return losses.spr_loss(step_logits, step_mask, outcome, axis_names=("data",))[None]
+        return spr_loss(step_logits, step_mask, outcome, axis_names=("data",))[None]
 
     got = np.asarray(jax.jit(per_device_loss)(step_logits, step_mask, outcome))
     whole = np_kept_counts(step_logits, step_mask, outcome)
@@ -205,9 +210,18 @@ def test_spr_counts_summed_over_four_devices_equal_the_whole_batchs_counts():
         np.testing.assert_allclose(got[d], want, rtol=1e-5)
 
 
+def _rl_loss(logits, step_logits, tokens, response_mask, advantages, ref_logprobs, step_mask, outcome, config, **kw):
+    """rl_loss from logits (already divided by the temperature), as the train step composes it."""
+    logprobs, entropies = losses.next_token_scores(logits, tokens)
+    weights = losses.spr_step_weights(step_logits, step_mask, outcome)
+    return losses.rl_loss(
+        logprobs, entropies, step_logits, response_mask, advantages, ref_logprobs, weights, outcome, config, **kw
+    )
+
+
 def test_rl_loss_combines_the_terms_with_their_coefficients_at_the_sampling_temperature():
     rng, logits, tokens, response_mask = _random_inputs(8)
-    config = losses.RLLossConfig(group_size=2, kl_coef=0.3, entropy_coef=0.05, spr_coef=0.7, temperature=0.6)
+    config = RLConfig(group_size=2, kl_coef=0.3, entropy_coef=0.05, spr_coef=0.7)
     old_logprobs = np_token_logprobs(logits / 0.6, tokens) + rng.normal(scale=0.3, size=(B, T))
     ref_logprobs = np_token_logprobs(logits / 0.6, tokens) + rng.normal(scale=0.3, size=(B, T))
     advantages = rng.normal(size=(B,))
@@ -215,8 +229,8 @@ def test_rl_loss_combines_the_terms_with_their_coefficients_at_the_sampling_temp
     step_mask = rng.random((B, T)) < 0.4
     outcome = np.array([1, 0, 0, 1], np.float32)
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    total, metrics = losses.rl_loss(
-        f32(logits),
+    total, metrics = _rl_loss(
+        f32(logits) / 0.6,
         f32(step_logits),
         jnp.asarray(tokens),
         jnp.asarray(response_mask),
@@ -243,11 +257,11 @@ def test_on_policy_rl_loss_has_ratio_one_and_gradient_minus_advantage_times_grad
     _, logits, tokens, mask = _random_inputs(9)
     mask[:, 0] = False
     advantages = np.array([1.0, -0.5, 2.0, 0.0], np.float32)
-    config = losses.RLLossConfig(group_size=2, kl_coef=0.0, entropy_coef=0.0, spr_coef=0.0)
+    config = RLConfig(group_size=2, kl_coef=0.0, entropy_coef=0.0, spr_coef=0.0)
     zeros = jnp.zeros((B, T))
 
     def pg(logits):
-        return losses.rl_loss(
+        return _rl_loss(
             logits,
             zeros,
             jnp.asarray(tokens),
@@ -270,3 +284,70 @@ def test_on_policy_rl_loss_has_ratio_one_and_gradient_minus_advantage_times_grad
             if mask[b, t]:
                 want[b, t - 1] = -advantages[b] * (np.eye(V)[tokens[b, t]] - probs[b, t - 1]) / mask.sum()
     np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_chunked_logprobs_entropy_and_kl_equal_the_plain_ones_with_their_gradients(chunk):
+    # T - 1 = 6 predictions: 6 chunks of one, 2 of three, and 2 of four with a zero-padded last one.
+    rng, _, tokens, mask = _random_inputs(10)
+    hidden = jnp.asarray(rng.normal(size=(B, T, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(5, V)), jnp.float32)
+    ref_logprobs = jnp.asarray(-rng.random((B, T)) * 3, jnp.float32)
+    mask = jnp.asarray(mask)
+
+    def objective(hidden, kernel, chunk):
+        project = lambda h: (h @ kernel) / 0.7  # noqa: E731
+        if chunk:
+            logprobs, entropies = losses.chunked_next_token_scores(hidden, project, jnp.asarray(tokens), chunk)
+        else:  # the reference: the plain scores of the whole [B, T, V] logits
+            logprobs, entropies = losses.next_token_scores(project(hidden), jnp.asarray(tokens))
+        terms = (logprobs, entropies, losses.kl_k3(logprobs, ref_logprobs, mask))
+        return 0.3 * logprobs.sum() + 0.5 * entropies.sum() + terms[2], terms
+
+    (_, got), got_grads = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(hidden, kernel, chunk)
+    (_, want), want_grads = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(hidden, kernel, 0)
+    for g, w in zip((*got, *got_grads), (*want, *want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0], np_token_logprobs(np.asarray(hidden @ kernel) / 0.7, tokens), atol=1e-5)
+
+
+def test_rl_losses_of_parts_given_the_whole_batchs_totals_add_up_to_the_whole_batchs_loss_and_gradient():
+    rng, logits, tokens, response_mask = _random_inputs(11)
+    config = RLConfig(group_size=2, kl_coef=0.3, entropy_coef=0.05, spr_coef=0.7)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    step_logits = f32(rng.normal(size=(B, T)))
+    step_mask = jnp.asarray(rng.random((B, T)) < 0.6)
+    outcome = f32([1, 0, 0, 1])
+    advantages, ref_logprobs = f32(rng.normal(size=(B,))), f32(-rng.random((B, T)) * 3)
+    old_logprobs = f32(np_token_logprobs(logits, tokens) + rng.normal(scale=0.3, size=(B, T)))
+    weights = losses.spr_step_weights(step_logits, step_mask, outcome)
+    totals = losses.Totals(losses.token_count(jnp.asarray(response_mask)), weights.sum())
+
+    def loss(logits, step_logits, rows, totals):
+        logprobs, entropies = losses.next_token_scores(logits, jnp.asarray(tokens)[rows])
+        return losses.rl_loss(
+            logprobs,
+            entropies,
+            step_logits,
+            jnp.asarray(response_mask)[rows],
+            advantages[rows],
+            ref_logprobs[rows],
+            weights[rows],
+            outcome[rows],
+            config,
+            old_logprobs=old_logprobs[rows],
+            totals=totals,
+        )
+
+    whole = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(f32(logits), step_logits, slice(None), None)
+    (value, metrics), (logits_grad, step_grad) = whole
+    parts = [slice(0, 1), slice(1, 4)]
+    part_results = [
+        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(f32(logits)[rows], step_logits[rows], rows, totals)
+        for rows in parts
+    ]
+    np.testing.assert_allclose(sum(r[0][0] for r in part_results), value, rtol=1e-6)
+    for name in metrics:
+        np.testing.assert_allclose(sum(r[0][1][name] for r in part_results), metrics[name], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.concatenate([r[1][0] for r in part_results]), logits_grad, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(np.concatenate([r[1][1] for r in part_results]), step_grad, rtol=1e-6, atol=1e-8)

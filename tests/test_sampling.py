@@ -164,6 +164,22 @@ def test_same_key_same_samples_and_other_key_other_samples(model):
     assert not np.array_equal(first[0], first[1])
 
 
+def test_with_a_key_per_prompt_each_prompts_samples_do_not_depend_on_the_other_prompts(model):
+    module, params = model
+    tokens, mask = left_padded_prompts(LENGTHS, WIDTH)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(3), jnp.arange(len(LENGTHS)))
+    kwargs = dict(config=SamplingConfig(NEW_TOKENS), eos_ids=NO_EOS, pad_id=PAD, num_samples=2)
+    together = np.asarray(sample(module, params, tokens, mask, keys, **kwargs).sequences)
+    for prompt in range(len(LENGTHS)):
+        alone = sample(
+            module, params, tokens[prompt : prompt + 1], mask[prompt : prompt + 1], keys[prompt : prompt + 1], **kwargs
+        )
+        np.testing.assert_array_equal(together[2 * prompt : 2 * prompt + 2], np.asarray(alone.sequences))
+        assert not np.array_equal(together[2 * prompt], together[2 * prompt + 1])
+    with pytest.raises(ValueError, match=r"one key or one per prompt \(3,\)"):
+        sample(module, params, tokens, mask, keys[:2], **kwargs)
+
+
 def numpy_filtered_probs(logits, temperature, top_p, top_k):
     """Reference: softmax(logits / T) restricted to the top-k, then to the smallest prefix of mass >= top_p."""
     scaled = logits / temperature
@@ -318,8 +334,8 @@ def test_trajectory_scores_are_geometric_means_over_think_steps():
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="top_p"):
-        SamplingConfig(4, top_p=0.0)
+        SamplingConfig(max_new_tokens=4, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        SamplingConfig(0)
+        SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
-        SamplingConfig(4, temperature=-1.0)
+        SamplingConfig(max_new_tokens=4, temperature=-1.0)

@@ -2,7 +2,8 @@
 
 The data-parallel RL step is checked against the same update written by hand without shard_map: one gradient of
 the mean of the replicas' losses over the whole batch (jax.vmap with a named axis stands in for the replicas,
-so the SPR counts are still summed over them), then the optimizer applied once.
+so the SPR counts are still summed over them), then the optimizer applied once; micro-batched steps against the
+same one-batch loss.
 """
 
 import jax
@@ -13,9 +14,9 @@ import pytest
 
 import comms
 from metastone_jax import losses, step
-from metastone_jax.config import Qwen2Config
+from metastone_jax.config import MeshConfig, Qwen2Config, RLConfig
 from metastone_jax.models.reflective import ReflectiveModel, init_params
-from metastone_jax.sharding import MeshConfig, make_mesh
+from metastone_jax.sharding import make_mesh
 
 CONFIG = Qwen2Config(
     vocab_size=32,
@@ -122,36 +123,47 @@ def test_optimizer_moments_are_sharded_like_their_parameters_with_a_replica_axis
     assert adam.count.shape == (2,) and adam.count.sharding.spec == jax.sharding.PartitionSpec("data")
 
 
-def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2):
-    """One RL update without shard_map: mean over the replicas' losses, as vmap over their parts of the batch."""
+def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2, temperature=1.0, micro_batches=1):
+    """One RL update without shard_map: the gradient of the mean of the replicas' losses (vmap over their parts of
+    the batch), each the plain loss of its whole part. The policy's forward runs over micro-batches of the part, the
+    m-th with dropout key fold_in(replica key, m), and their outputs are joined before the loss."""
     rewards = batch["rewards"].reshape(-1, config.group_size).astype(np.float64)
     advantages = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + 1e-6)
     positions = np.maximum(np.cumsum(batch["attention_mask"], axis=1) - 1, 0)
     inputs = {**batch, "advantages": advantages.reshape(-1).astype(np.float32), "positions": positions}
     halves = jax.tree.map(lambda x: jnp.asarray(x).reshape(replicas, -1, *x.shape[1:]), inputs)
     keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), r) for r in range(replicas)])
+    rows = BATCH // replicas // micro_batches
 
     def replica_loss(p, half, key):
-        def forward(variables, **kwargs):
-            return MODULE.apply(
-                {"params": variables}, half["tokens"], half["positions"], half["attention_mask"], **kwargs
-            )
+        def forward(variables, part=slice(None), **kwargs):
+            inputs = (half["tokens"][part], half["positions"][part], half["attention_mask"][part])
+            return MODULE.apply({"params": variables}, *inputs, **kwargs)
 
-        ref_logprobs = losses.token_logprobs(forward(ref_params).logits / config.temperature, half["tokens"])
-        out = forward(
-            p, deterministic=False, sprm_backbone_grad_scale=config.sprm_backbone_grad_scale, rngs={"dropout": key}
-        )
+        ref_logprobs, _ = losses.next_token_scores(forward(ref_params).logits / temperature, half["tokens"])
+        outs = [
+            forward(
+                p,
+                slice(m * rows, (m + 1) * rows),
+                deterministic=False,
+                sprm_backbone_grad_scale=config.sprm_backbone_grad_scale,
+                rngs={"dropout": jax.random.fold_in(key, m)},
+            )
+            for m in range(micro_batches)
+        ]
+        logits, step_logits = (jnp.concatenate(parts) for parts in zip(*((o.logits, o.step_logits) for o in outs)))
+        logprobs, entropies = losses.next_token_scores(logits / temperature, half["tokens"])
+        weights = losses.spr_step_weights(step_logits, half["step_mask"], half["outcome"], axis_names=("data",))
         return losses.rl_loss(
-            out.logits,
-            out.step_logits,
-            half["tokens"],
+            logprobs,
+            entropies,
+            step_logits,
             half["response_mask"],
             half["advantages"],
             ref_logprobs,
-            half["step_mask"],
+            weights,
             half["outcome"],
             config,
-            axis_names=("data",),
         )[0]
 
     def mean_loss(p):
@@ -165,27 +177,58 @@ def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2):
     return update(params)
 
 
-@pytest.mark.parametrize("replicas, fsdp", [(2, 2), (1, 4)])
+@pytest.mark.parametrize("replicas, fsdp, micro_batch_size, logits_chunk", [(2, 2, 0, 0), (1, 4, 0, 0), (2, 2, 4, 5)])
 def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_full_batch(
-    params, ref_params, replicas, fsdp
+    params, ref_params, replicas, fsdp, micro_batch_size, logits_chunk
 ):
     # (1, 4): one replica, the model sharded over fsdp; XLA refuses an all-reduce over such a one-device manual
-    # axis, so comms.pmean/psum must skip it.
+    # axis, so comms.pmean/psum must skip it. (2, 2, 4, 5): two micro-batches per replica and logits 5 positions
+    # at a time; the reference is still one plain loss over each replica's whole part, with the micro-batches'
+    # dropout keys.
     mesh = _mesh(replicas, fsdp=fsdp)
     algorithm = comms.get("pmean")
     # A large eps keeps Adam's first step (≈ lr·sign(g)) smooth in g, so float rounding cannot flip a tiny gradient.
     tx = step.make_optimizer(algorithm, 1e-3, eps=1e-4, head_learning_rate=1e-3)
-    config = losses.RLLossConfig(group_size=GROUP, kl_coef=0.1, entropy_coef=0.01, sprm_backbone_grad_scale=0.5)
+    config = RLConfig(
+        group_size=GROUP,
+        kl_coef=0.1,
+        entropy_coef=0.01,
+        sprm_backbone_grad_scale=0.5,
+        micro_batch_size=micro_batch_size,
+    )
     batch = rl_batch()
     state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
-    rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, config, dropout_seed=3)
+    rl_step = step.make_rl_step(
+        MODULE, algorithm, tx, mesh, config, temperature=0.7, dropout_seed=3, logits_chunk=logits_chunk
+    )
     state, metrics = rl_step(state, batch, ref_params)
-    want = _by_hand_rl_update(params, ref_params, batch, config, tx, seed=3, replicas=replicas)
+    micro_batches = BATCH // (micro_batch_size or BATCH)
+    want = _by_hand_rl_update(params, ref_params, batch, config, tx, 3, replicas, 0.7, micro_batches)
     assert float(metrics["kl"]) > 0 and float(metrics["spr_loss"]) > 0
     for got, expected, before in zip(_leaves(state.params), _leaves(want), _leaves(params)):
         assert not np.array_equal(expected, before)
         for replica in range(replicas):
             np.testing.assert_allclose(got[replica], expected, atol=1e-5)
+
+
+def test_micro_batched_sft_step_with_chunked_logits_equals_the_one_batch_step(params):
+    mesh = _mesh(2, fsdp=2)
+    algorithm = comms.get("pmean")
+    tx = step.make_optimizer(algorithm, 1e-3, eps=1e-4)
+    results = []
+    for micro_batch_size, logits_chunk in [(0, 0), (2, 5)]:  # 4 micro-batches of one row per replica
+        state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+        train_step = step.make_sft_step(
+            MODULE, algorithm, tx, mesh, micro_batch_size=micro_batch_size, logits_chunk=logits_chunk
+        )
+        state, metrics = train_step(state, sft_batch())
+        results.append((float(metrics["loss"]), state.params))
+    (one_loss, one_params), (micro_loss, micro_params) = results
+    assert micro_loss == pytest.approx(one_loss, rel=1e-6)
+    for micro, one in zip(_leaves(micro_params), _leaves(one_params)):
+        np.testing.assert_allclose(micro, one, atol=1e-5)
+    trained, before = (_leaves(_policy_and_head(tree)[0]) for tree in (one_params, params))  # SFT leaves the head
+    assert all(not np.array_equal(after[0], initial) for after, initial in zip(trained, before))
 
 
 def test_spr_gradient_reaches_the_backbone_scaled_by_the_configured_fraction(params, ref_params):
@@ -196,7 +239,7 @@ def test_spr_gradient_reaches_the_backbone_scaled_by_the_configured_fraction(par
     batch = rl_batch(rewards=np.zeros(BATCH, np.float32), outcome=np.array([1, 0] * 4, np.float32))
 
     def spr_gradients(scale):
-        config = losses.RLLossConfig(group_size=GROUP, kl_coef=0.0, entropy_coef=0.0, sprm_backbone_grad_scale=scale)
+        config = RLConfig(group_size=GROUP, kl_coef=0.0, entropy_coef=0.0, sprm_backbone_grad_scale=scale)
         state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
         state, metrics = step.make_rl_step(MODULE, algorithm, tx, mesh, config)(state, batch, ref_params)
         assert float(metrics["spr_loss"]) > 0
@@ -244,12 +287,16 @@ def test_train_steps_name_missing_batch_keys_and_indivisible_batches(params, ref
     algorithm = comms.get("pmean")
     tx = step.make_optimizer(algorithm, 1e-3)
     state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
-    rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, losses.RLLossConfig(group_size=GROUP))
+    rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, RLConfig(group_size=GROUP))
     batch = rl_batch()
     with pytest.raises(ValueError, match="missing outcome"):
         rl_step(state, {k: v for k, v in batch.items() if k != "outcome"}, ref_params)
     with pytest.raises(ValueError, match="not divisible"):
         rl_step(state, jax.tree.map(lambda x: x[:5], batch), ref_params)
+    for micro_batch_size in (3, 1):  # does not divide 8; not a multiple of the 2 replicas
+        sft_step = step.make_sft_step(MODULE, algorithm, tx, mesh, micro_batch_size=micro_batch_size)
+        with pytest.raises(ValueError, match=f"micro_batch_size={micro_batch_size} must divide the batch size 8"):
+            sft_step(state, sft_batch())
 
 
 def test_sft_steps_given_the_comm_phase_equal_steps_that_choose_it_at_run_time(params):

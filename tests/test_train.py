@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from metastone_jax.config_loading import load_config
+from metastone_jax.data import ArithmeticTask, build_arithmetic_tokenizer
 from metastone_jax.train import Trainer, main
 
 TINY = [
@@ -26,12 +27,11 @@ TINY = [
     "sft.warmup_steps=1",
     "rl.prompts_per_step=4",
     "rl.group_size=2",
-    "rl.max_new_tokens=12",
+    "sampling.max_new_tokens=12",
     "eval.questions=2",
     "eval.samples=2",
     "eval.modes=[low]",
     "checkpoint.async_save=false",
-    "log_every=1",
 ]
 
 
@@ -79,6 +79,17 @@ def test_bad_config_key_stops_with_its_name(capsys, tmp_path):
     assert main(["rl.stepz=3", "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "rl.stepz" in err and "steps" in err
+
+
+def test_malformed_data_line_stops_with_one_error_line_naming_file_and_line(capsys, tmp_path):
+    tokenizer = tmp_path / "tokenizer.json"
+    build_arithmetic_tokenizer(ArithmeticTask()).save(str(tokenizer))
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "1 + 2", "answer": "3"}\n{"question": "2 + 2", "answer": \n')
+    code = main([f"task.files=[{data}]", f"model.tokenizer={tokenizer}", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and f"{data}, line 2" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 RESUME_ARGS = TINY + ["sft.steps=6", "rl.steps=4", "checkpoint.every=2", "eval.questions=0"]

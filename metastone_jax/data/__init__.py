@@ -1,4 +1,4 @@
-"""Data: the embedded arithmetic task, tokenizers, the answer verifier and grain pipelines."""
+"""Data: the embedded arithmetic task, tokenizers and prompt formats, the answer verifier and grain pipelines."""
 
 from metastone_jax.data.arithmetic import (
     STEP_DELIMITER,
@@ -9,18 +9,31 @@ from metastone_jax.data.arithmetic import (
     format_response,
 )
 from metastone_jax.data.pipeline import arithmetic_dataset, file_dataset, load_records, pad_batch
+from metastone_jax.data.prompts import DEFAULT_INSTRUCTION, PromptFormat
 from metastone_jax.data.tokenizer import TextTokenizer, build_arithmetic_tokenizer
-from metastone_jax.data.verify import extract_answer, extract_boxed, is_equivalent, reward
+from metastone_jax.data.verify import (
+    equivalences,
+    extract_answer,
+    extract_answers,
+    extract_boxed,
+    is_equivalent,
+    reward,
+    rewards,
+)
 
 __all__ = [
+    "DEFAULT_INSTRUCTION",
     "STEP_DELIMITER",
     "THINK_CLOSE",
     "THINK_OPEN",
     "ArithmeticTask",
+    "PromptFormat",
     "TextTokenizer",
     "arithmetic_dataset",
     "build_arithmetic_tokenizer",
+    "equivalences",
     "extract_answer",
+    "extract_answers",
     "extract_boxed",
     "file_dataset",
     "format_prompt",
@@ -29,4 +42,5 @@ __all__ = [
     "load_records",
     "pad_batch",
     "reward",
+    "rewards",
 ]

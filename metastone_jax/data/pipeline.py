@@ -18,10 +18,9 @@ import numpy as np
 import pyarrow.parquet
 
 from metastone_jax.data.arithmetic import ArithmeticTask
-from metastone_jax.data.verify import extract_boxed
+from metastone_jax.data.verify import GSM8K_MARKER, extract_boxed
 
 ANSWER_FORMATS = ("auto", "plain", "gsm8k", "boxed")
-_GSM8K_MARKER = "####"
 
 
 def arithmetic_dataset(
@@ -34,6 +33,8 @@ def arithmetic_dataset(
     num_threads: int = 1,
 ) -> grain.IterDataset:
     """Batches of task samples, problem i = task.sample(i); num_examples=None is an endless stream.
+
+    These are the task's train split: no question text of the held-out eval split ever appears (data/arithmetic.py).
 
     Shards default to this JAX process; each shard takes every shard_count-th problem.
     """
@@ -191,10 +192,10 @@ def _record(row, where: str, question_field: str, answer_field: str, answer_form
 
 def _final_answer(answer: str, answer_format: str, where: str, answer_field: str) -> str:
     """The reference final answer inside a raw answer field, per the answer format."""
-    if answer_format == "gsm8k" or (answer_format == "auto" and _GSM8K_MARKER in answer):
-        if _GSM8K_MARKER not in answer:
-            raise ValueError(f"{where}: field {answer_field!r} has no {_GSM8K_MARKER!r} final-answer marker")
-        answer = answer.rsplit(_GSM8K_MARKER, 1)[1]
+    if answer_format == "gsm8k" or (answer_format == "auto" and GSM8K_MARKER in answer):
+        if GSM8K_MARKER not in answer:
+            raise ValueError(f"{where}: field {answer_field!r} has no {GSM8K_MARKER!r} final-answer marker")
+        answer = answer.rsplit(GSM8K_MARKER, 1)[1]
     elif answer_format == "boxed" or (answer_format == "auto" and "\\boxed" in answer):
         boxed = extract_boxed(answer)
         if boxed is None:

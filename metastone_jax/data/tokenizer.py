@@ -9,6 +9,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from metastone_jax.data.arithmetic import STEP_DELIMITER, THINK_CLOSE, THINK_OPEN, ArithmeticTask
+from metastone_jax.data.prompts import TEMPLATE_TOKENS, PromptFormat
 
 # Looked up in this order when no tokenizer_config.json names them: our own, Qwen2 base/chat, DeepSeek-R1
 # distills, Llama-style.
@@ -23,7 +24,8 @@ _PIECE_PATTERN = r" ?\d+| ?[^\s\d]|\s"
 
 
 class TextTokenizer:
-    """encode/decode plus the ids the library needs (pad, eos, think markers, step delimiter)."""
+    """encode/decode plus the ids the library needs (pad, eos, think markers, step delimiter) and the prompt format
+    of its model (`prompt_format`: plain, or the chat template of its tokenizer_config.json)."""
 
     def __init__(
         self,
@@ -32,9 +34,11 @@ class TextTokenizer:
         source: str = "<in memory>",
         eos_token: str | None = None,
         pad_token: str | None = None,
+        prompt_format: PromptFormat | None = None,
     ):
         self._tokenizer = tokenizer
         self.source = source
+        self.prompt_format = prompt_format or PromptFormat()
         self.eos_id = self._find_id("eos", eos_token, _EOS_CANDIDATES)
         self.pad_id = self._find_id("pad", pad_token, _PAD_CANDIDATES, fallback=self.eos_id)
         open_id, close_id = tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE)
@@ -44,7 +48,7 @@ class TextTokenizer:
     @classmethod
     def from_file(cls, path: str, *, eos_token: str | None = None, pad_token: str | None = None) -> TextTokenizer:
         """Loads a tokenizer.json (file or directory); eos/pad come from the arguments, a sibling
-        tokenizer_config.json, or well-known names, in that order."""
+        tokenizer_config.json, or well-known names, in that order; the chat template from that directory."""
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
@@ -53,12 +57,14 @@ class TextTokenizer:
             tokenizer = tokenizers.Tokenizer.from_file(path)
         except Exception as error:  # the library raises a bare Exception for malformed files
             raise ValueError(f"cannot read tokenizer file {path}: {error}") from error
-        config = _read_tokenizer_config(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+        directory = os.path.dirname(path)
+        config = _read_tokenizer_config(os.path.join(directory, "tokenizer_config.json"))
         return cls(
             tokenizer,
             source=path,
             eos_token=eos_token or config.get("eos_token"),
             pad_token=pad_token or config.get("pad_token"),
+            prompt_format=PromptFormat.from_tokenizer_config(config, directory),
         )
 
     @property
@@ -79,8 +85,17 @@ class TextTokenizer:
         return self._tokenizer.token_to_id(token)
 
     def save(self, path: str) -> None:
-        """Writes the tokenizer as a Hugging Face tokenizer.json."""
+        """Writes the tokenizer as a Hugging Face tokenizer.json, and a tokenizer_config.json beside it with the
+        eos/pad names and the chat template, so that `from_file` reloads the same ids and prompts."""
         self._tokenizer.save(path)
+        config = {
+            **self.prompt_format.tokenizer_config(),
+            # The ids this tokenizer resolved win over the template's variables of the same name.
+            "eos_token": self._tokenizer.id_to_token(self.eos_id),
+            "pad_token": self._tokenizer.id_to_token(self.pad_id),
+        }
+        with open(os.path.join(os.path.dirname(path), "tokenizer_config.json"), "w", encoding="utf-8") as file:
+            json.dump(config, file, indent=2, ensure_ascii=False)
 
     def _find_id(
         self, role: str, requested: str | None, candidates: tuple[str, ...], fallback: int | None = None
@@ -126,8 +141,8 @@ def build_arithmetic_tokenizer(task: ArithmeticTask) -> TextTokenizer:
     return TextTokenizer(tokenizer, source=f"arithmetic tokenizer (max_value={task.max_value})")
 
 
-def _read_tokenizer_config(path: str) -> dict[str, str]:
-    """eos_token / pad_token names from a Hugging Face tokenizer_config.json, when the file exists."""
+def _read_tokenizer_config(path: str) -> dict:
+    """A Hugging Face tokenizer_config.json ({} when there is none), special tokens given by their text."""
     if not os.path.isfile(path):
         return {}
     try:
@@ -135,11 +150,12 @@ def _read_tokenizer_config(path: str) -> dict[str, str]:
             config = json.load(file)
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read tokenizer config {path}: {error}") from error
-    names = {}
-    for key in ("eos_token", "pad_token"):
-        value = config.get(key)
+    if not isinstance(config, dict):
+        raise ValueError(f"tokenizer config {path} is not a JSON object")
+    for key in TEMPLATE_TOKENS:
+        value = config.pop(key, None)
         if isinstance(value, dict):  # older configs store an AddedToken dict
             value = value.get("content")
         if isinstance(value, str):
-            names[key] = value
-    return names
+            config[key] = value
+    return config

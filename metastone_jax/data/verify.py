@@ -1,37 +1,48 @@
-"""Answer checking by mathematical equivalence: extract the final answer of a response and compare values.
+"""Answer checking: extract the final answer of a response and compare it with the reference by mathematical meaning.
 
-Answers are parsed by a small recursive-descent parser into exact sympy numbers (never `eval`, never sympy's
-own string parser, which evaluates Python). Work is bounded: long inputs and big powers are rejected, and any
-garbage compares as not equivalent instead of raising.
+Hugging Face's math-verify does the mathematics: it finds answers in free text ("the final answer is $x$",
+`\\(...\\)`, a last number or expression) and parses LaTeX and plain expressions into sympy, with sets, intervals,
+tuples, matrices, percentages, units, multiple-choice letters and equations, then compares them numerically and
+symbolically. It runs in worker processes with a deadline per request (`verify_worker`); nothing here or there calls
+`eval`.
+
+Ours, where math-verify has no equivalent:
+- the response's answer is what follows its last `</think>` (the embedded task's `<think>...</think> 42`, R1-style
+  summaries), and a `\\boxed{}` there is taken whole, braces matched; GSM8K's `#### 42` marks an answer too;
+- bounded work: answers longer than `MAX_ANSWER_CHARS`, nested deeper than `MAX_NESTING` or with a huge integer
+  power, and all but the last `MAX_TAIL_CHARS` of a response, never reach the parser; a request that outlives its
+  deadline counts as wrong; garbage never raises;
+- integers compare exactly in this process (the embedded task's answers): no worker starts for them.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+from collections.abc import Sequence
 
-import sympy
+import numpy as np
 
 from metastone_jax.data.arithmetic import THINK_CLOSE
+from metastone_jax.data.verify_worker import WorkerPool
 
-MAX_ANSWER_CHARS = 120
-_MAX_EXPONENT = 64  # |p| of an exponent p/q
-_MAX_POWER_BITS = 4096  # size bound on an exact rational power
-_RELATIVE_TOLERANCE = 1e-30  # only for irrational values (sqrt, pi), compared at 50 significant digits
+MAX_ANSWER_CHARS = 300
+MAX_NESTING = 8  # brackets of any kind; the LaTeX parser's time grows exponentially with nested braces
+MAX_TAIL_CHARS = 4000
+DEADLINE_S = 5.0  # per request (one extraction or one comparison), math-verify's own default per operation
+# Workers check a batch's answers side by side; each parses one at a time, in tens of MB.
+WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
-_NUMBER = r"\d+(?:\.\d*)?|\.\d+"
-_TOKEN = re.compile(rf"\s*(?:({_NUMBER})|(sqrt|pi)|(\*\*|[-+*/^()]))")
-_LAST_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?")
-_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_LATEX_FRACTION = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
-_LATEX_SQRT = re.compile(r"\\sqrt\s*\{([^{}]*)\}")
-_LATEX_WORDS = (("\\cdot", "*"), ("\\times", "*"), ("\\pi", "pi"), ("\\sqrt", "sqrt"), ("{", "("), ("}", ")"))
-_LATEX_DROPPED = re.compile(
-    r"\\text\s*\{[^{}]*\}|\\mbox\s*\{[^{}]*\}|\^\s*\{?\\circ\}?|\\left|\\right|\\[,!; ]|\\?%|\\?\$"
-)
+_INTEGER = re.compile(r"-?\d{1,64}")
+# Exact integer powers sympy would compute digit by digit: towers (9^{9^{9}}) and exponents of 7+ digits.
+_HUGE_POWER = re.compile(r"\^\s*\{?\s*\d+\s*\}?\s*\^\s*\{?\s*\d|\^\s*\{?\s*\d{7}")
+GSM8K_MARKER = "####"
+_OPENING, _CLOSING = "([{", ")]}"
+_ASK_MATH_VERIFY = object()  # a case our own rules leave to math-verify
 
-
-class _ParseError(ValueError):
-    pass
+_pool: WorkerPool | None = None
+_pool_lock = threading.Lock()
 
 
 def extract_boxed(text: str) -> str | None:
@@ -50,148 +61,97 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+def extract_answers(responses: Sequence[str]) -> list[str | None]:
+    """The final answer of each response (see `extract_answer`), one worker round trip for the batch."""
+    answers = [_extract_locally(response) for response in responses]
+    remote = [row for row, answer in enumerate(answers) if answer is _ASK_MATH_VERIFY]
+    tails = [_tail(responses[row])[-MAX_TAIL_CHARS:] for row in remote]
+    for row, answer in zip(remote, _run([("extract", tail) for tail in tails])):
+        answers[row] = answer
+    return answers
+
+
 def extract_answer(response: str) -> str | None:
-    """Final answer of a response: text after the last </think>, a \\boxed{} in it, or else its last number."""
-    tail = response.rsplit(THINK_CLOSE, 1)[-1]
-    boxed = extract_boxed(tail)
-    if boxed is not None:
-        return boxed
-    if THINK_CLOSE in response and _parse_value(tail) is not None:
-        return tail.strip()
-    numbers = _LAST_NUMBER.findall(tail)
-    return numbers[-1].strip() if numbers else None
+    """Final answer of a response: in the text after its last </think>, the last \\boxed{}, else the text after
+    GSM8K's ####, else a bare integer, else what math-verify finds there; None when there is none."""
+    return extract_answers([response])[0]
+
+
+def equivalences(predictions: Sequence[str | None], references: Sequence[str | None]) -> list[bool]:
+    """is_equivalent for each pair, one worker round trip for the batch."""
+    verdicts = [_compare_locally(p, r) for p, r in zip(predictions, references)]
+    remote = [row for row, verdict in enumerate(verdicts) if verdict is _ASK_MATH_VERIFY]
+    requests = [("equal", predictions[row].strip(), references[row].strip()) for row in remote]
+    for row, verdict in zip(remote, _run(requests)):
+        verdicts[row] = bool(verdict)
+    return verdicts
 
 
 def is_equivalent(prediction: str | None, reference: str | None) -> bool:
-    """True when both strings parse to the same number (integers, decimals, fractions, simple expressions)."""
-    predicted_value, reference_value = _parse_value(prediction), _parse_value(reference)
-    if predicted_value is None or reference_value is None:
-        return False
-    if predicted_value.is_Rational and reference_value.is_Rational:
-        return bool(predicted_value == reference_value)
-    try:
-        difference = abs(complex(sympy.N(predicted_value - reference_value, 50)))
-        scale = max(1.0, abs(complex(sympy.N(reference_value, 50))))
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return difference <= _RELATIVE_TOLERANCE * scale
+    """True when the answers mean the same mathematical object (math-verify's verdict, reference as the gold)."""
+    return equivalences([prediction], [reference])[0]
+
+
+def rewards(responses: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """[len(responses)] float32: 1.0 where a response's final answer is equivalent to its reference, else 0.0."""
+    return np.asarray(equivalences(extract_answers(responses), references), np.float32)
 
 
 def reward(response: str, reference: str) -> float:
     """1.0 when the response's final answer is equivalent to the reference answer, else 0.0."""
-    return 1.0 if is_equivalent(extract_answer(response), reference) else 0.0
+    return float(rewards([response], [reference])[0])
 
 
-def _parse_value(text: str | None):
-    """Exact sympy value of an answer string, or None when it is not a bounded, finite expression."""
-    if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
-        return None
-    try:
-        value = _Parser(_normalize(text)).parse()
-    except (ValueError, ZeroDivisionError, OverflowError, RecursionError, TypeError):
-        return None
-    if value.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
-        return None
-    return value
+def _tail(response: str) -> str:
+    return response.rsplit(THINK_CLOSE, 1)[-1]
 
 
-def _normalize(text: str) -> str:
-    """LaTeX and formatting to the plain grammar: fractions, sqrt, \\cdot, $, thousands commas, `x =`."""
-    text = extract_boxed(text) or text
-    text = _LATEX_DROPPED.sub("", text)
-    previous = None
-    while previous != text:  # a brace-free \frac or \sqrt first, so nested ones unfold from the inside
-        previous = text
-        text = _LATEX_SQRT.sub(r"sqrt((\1))", _LATEX_FRACTION.sub(r"((\1)/(\2))", text))
-    for latex, plain in _LATEX_WORDS:
-        text = text.replace(latex, plain)
-    return _THOUSANDS_COMMA.sub("", text).split("=")[-1].strip().rstrip(".")
+def _extract_locally(response: str):
+    """The answer when our own rules find it (boxed, ####, a bare integer), else _ASK_MATH_VERIFY."""
+    tail = _tail(response)
+    boxed = extract_boxed(tail)
+    if boxed is not None:
+        return boxed
+    if GSM8K_MARKER in tail:
+        answer = tail.rsplit(GSM8K_MARKER, 1)[1].strip().split("\n", 1)[0].strip()
+        if answer:
+            return answer
+    if _INTEGER.fullmatch(tail.strip().rstrip(".")):
+        return tail.strip().rstrip(".")
+    return _ASK_MATH_VERIFY if tail.strip() else None
 
 
-class _Parser:
-    """expr := term (('+'|'-') term)*; term := unary (('*'|'/'|implicit) unary)*;
-    unary := ('+'|'-') unary | power; power := atom (('^'|'**') unary)?; atom := number | pi | sqrt atom | ( expr )."""
+def _compare_locally(prediction: str | None, reference: str | None):
+    """The verdict when it needs no parser (missing, oversized or integer answers), else _ASK_MATH_VERIFY."""
+    if not isinstance(prediction, str) or not isinstance(reference, str):
+        return False
+    prediction, reference = prediction.strip(), reference.strip()
+    if not prediction or not reference or not _bounded(prediction) or not _bounded(reference):
+        return False
+    if _INTEGER.fullmatch(prediction) and _INTEGER.fullmatch(reference):
+        return int(prediction) == int(reference)
+    return _ASK_MATH_VERIFY
 
-    def __init__(self, text: str):
-        self.tokens, position = [], 0
-        text = text.strip()
-        while position < len(text):
-            match = _TOKEN.match(text, position)
-            if match is None:
-                raise _ParseError(f"unexpected character at {position}")
-            self.tokens.append(match.group(match.lastindex))
-            position = match.end()
-        self.position = 0
 
-    def parse(self):
-        if not self.tokens:
-            raise _ParseError("empty")
-        value = self._expression()
-        if self.position != len(self.tokens):
-            raise _ParseError("trailing tokens")
-        return value
+def _bounded(answer: str) -> bool:
+    """Short and shallow enough for the parser to finish quickly."""
+    if len(answer) > MAX_ANSWER_CHARS or _HUGE_POWER.search(answer):
+        return False
+    depth = deepest = 0
+    for character in answer:
+        if character in _OPENING:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif character in _CLOSING:
+            depth -= 1
+    return deepest <= MAX_NESTING
 
-    def _peek(self) -> str | None:
-        return self.tokens[self.position] if self.position < len(self.tokens) else None
 
-    def _take(self) -> str:
-        token = self._peek()
-        if token is None:
-            raise _ParseError("unexpected end")
-        self.position += 1
-        return token
-
-    def _expression(self):
-        value = self._term()
-        while self._peek() in ("+", "-"):
-            value = value + self._term() if self._take() == "+" else value - self._term()
-        return value
-
-    def _term(self):
-        value = self._unary()
-        while True:
-            token = self._peek()
-            if token in ("*", "/"):
-                self._take()
-                right = self._unary()
-                if token == "/" and right == 0:
-                    raise ZeroDivisionError
-                value = value * right if token == "*" else value / right
-            elif token in ("(", "pi", "sqrt"):
-                value = value * self._unary()  # implicit product: 2pi, 3(4), 2sqrt(2)
-            else:
-                return value
-
-    def _unary(self):
-        if self._peek() in ("+", "-"):
-            return self._unary() if self._take() == "+" else -self._unary()
-        return self._power()
-
-    def _power(self):
-        base = self._atom()
-        if self._peek() not in ("^", "**"):
-            return base
-        self._take()
-        exponent = self._unary()
-        if not exponent.is_Rational or abs(exponent.p) > _MAX_EXPONENT or exponent.q > _MAX_EXPONENT:
-            raise _ParseError("exponent too large or not rational")
-        if base.is_Rational and (abs(base.p).bit_length() + base.q.bit_length()) * abs(exponent.p) > _MAX_POWER_BITS:
-            raise _ParseError("power too large")
-        if base == 0 and exponent < 0:
-            raise ZeroDivisionError
-        return base**exponent
-
-    def _atom(self):
-        token = self._take()
-        if token == "(":
-            value = self._expression()
-            if self._take() != ")":
-                raise _ParseError("unbalanced parenthesis")
-            return value
-        if token == "pi":
-            return sympy.pi
-        if token == "sqrt":
-            return sympy.sqrt(self._atom())
-        if token[0].isdigit() or token[0] == ".":
-            return sympy.Rational(token)
-        raise _ParseError(f"unexpected token {token!r}")
+def _run(requests: list[tuple]) -> list:
+    if not requests:
+        return []
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = WorkerPool(size=WORKERS)
+    return _pool.run(requests, DEADLINE_S)

@@ -176,8 +176,9 @@ def _attention_block(q, k, v, mask):
 
 
 # The key and value gradients of attention contract the query axis of both operands (ds^T q, p^T do). XLA:CPU runs
-# such a batched dot ~1.7x slower than one contracting the last axis of its left operand, so on CPU these two
-# backward passes compute (b^T a)^T instead, with only the small [n, q, head_dim] operand and result transposed.
+# such a batched dot much slower than one contracting the last axis of its left operand (BENCHMARKS.md, the model
+# section), so on CPU these two backward passes compute (b^T a)^T instead, with only the small [n, q, head_dim]
+# operand and result transposed.
 @jax.custom_vjp
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
     """q [n, q, d] . k [n, t, d] -> [n, q, t] in float32."""

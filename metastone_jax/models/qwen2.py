@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from metastone_jax.config import Qwen2Config
 from metastone_jax.models.attention import attention
+from metastone_jax.models.linear import matmul
 
 Dtype = Any
 KVCache = dict[str, jax.Array]
@@ -76,8 +77,8 @@ class HeadProjection(nn.Module):
     """x [..., *in] -> [..., *features] with one kernel [*in, *features] (in = the last `contract` axes of x).
 
     Written out instead of nn.DenseGeneral, whose flattened kernel init loses the logical axis names. The leading
-    axes are folded into one before the matmul: XLA:CPU's backward of a dot with two contracting batch-like axes
-    is ~1.8x slower than of the same dot in 2-D.
+    axes are folded into one before the matmul, whose backward XLA:CPU runs much faster in 2-D than with two
+    batch-like axes (BENCHMARKS.md, the model section).
     """
 
     features: tuple[int, ...]
@@ -94,35 +95,12 @@ class HeadProjection(nn.Module):
         kernel = self.param("kernel", _init(self.names, stddev=self.stddev), shape, self.param_dtype)
         leading, contracted = x.shape[: -self.contract], x.shape[-self.contract :]
         flat = x.reshape(-1, math.prod(contracted)).astype(self.dtype)
-        y = _matmul(flat, kernel.astype(self.dtype).reshape(flat.shape[1], -1)).reshape(*leading, *self.features)
+        y = matmul(flat, kernel.astype(self.dtype).reshape(flat.shape[1], -1)).reshape(*leading, *self.features)
         if self.use_bias:
             bias_names = self.names[self.contract :]
             bias = self.param("bias", _init(bias_names, nn.initializers.zeros), self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
-
-
-@jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [tokens, in] @ w [in, out]. On CPU the weight gradient multiplies a materialised x^T: XLA:CPU runs
-    dot(x, grad) over the long token axis of both operands up to 2x slower (the barrier keeps it from folding back).
-    """
-    return x @ w
-
-
-def _matmul_forward(x, w):
-    return x @ w, (x, w)
-
-
-def _matmul_backward(residuals, grad):
-    x, w = residuals
-    weight_grad = jax.lax.platform_dependent(
-        x, grad, cpu=lambda x, grad: jax.lax.optimization_barrier(x.T) @ grad, default=lambda x, grad: x.T @ grad
-    )
-    return grad @ w.T, weight_grad
-
-
-_matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
 class Attention(nn.Module):
@@ -255,7 +233,7 @@ class Qwen2Model(nn.Module):
 
     def __call__(self, tokens, positions, kv_mask, cache: KVCache | None, cache_index):
         # FSDP semantics: gather the table whole before the lookup. (A lookup from the fsdp-sharded table with a
-        # batch-sharded result aborts XLA's partitioner inside a shard_map manual over `data`, jax 0.10.2.)
+        # batch-sharded result aborts XLA's partitioner inside a shard_map manual over `data`.)
         table = nn.with_logical_constraint(self.embed_tokens.embedding, (None, None))
         x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))

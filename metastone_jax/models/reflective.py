@@ -14,15 +14,19 @@ import jax.numpy as jnp
 from metastone_jax.config import Qwen2Config
 from metastone_jax.models.qwen2 import HeadProjection, KVCache, Qwen2Model
 from metastone_jax.models.sprm import SPRMHead
+from metastone_jax.sharding import LOGICAL_RULES, fit_spec
 
 Dtype = Any
+# params[HEAD] holds the SPRM head (the name of its attribute in ReflectiveModel.setup); the rest is the policy.
+HEAD = "sprm"
 
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array  # [batch, seq, vocab] float32
+    logits: jax.Array | None  # [batch, seq, vocab] float32, None when called with_logits=False
     features: jax.Array  # [batch, seq, hidden]: input to the last decoder layer (transformers' hidden_states[-2])
     step_logits: jax.Array | None  # [batch, seq] float32 SPRM logits, None without a head
     cache: KVCache | None
+    hidden: jax.Array  # [batch, seq, hidden]: the final (normed) hidden states, logits = project(hidden)
 
 
 class ReflectiveModel(nn.Module):
@@ -60,12 +64,14 @@ class ReflectiveModel(nn.Module):
         *,
         deterministic: bool = True,
         sprm_backbone_grad_scale: float = 1.0,
+        with_logits: bool = True,
     ) -> ModelOutput:
         """tokens [batch, seq] at cache slots [cache_index, cache_index + seq).
 
         positions [batch, seq] default 0..seq-1; kv_mask [batch, kv_len] marks valid key slots (kv_len is the cache
         length with a cache, seq without); `sprm_backbone_grad_scale` is the fraction of the SPR gradient that
-        reaches the backbone (0 detaches the head).
+        reaches the backbone (0 detaches the head). `with_logits=False` skips the LM head: the losses then
+        `project` the hidden states a chunk of positions at a time (losses.chunked_next_token_scores).
         """
         batch, seq = tokens.shape
         if positions is None:
@@ -74,33 +80,33 @@ class ReflectiveModel(nn.Module):
             kv_len = seq if cache is None else cache["k"].shape[2]
             kv_mask = jnp.ones((batch, kv_len), bool)
         hidden, features, cache = self.model(tokens, positions, kv_mask.astype(bool), cache, cache_index)
-        if self.config.tie_word_embeddings:
-            logits = self.model.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        logits = self.project(hidden) if with_logits else None
         step_logits = None
         if self.with_head:
             # f·s + sg(f)·(1−s) written so that the forward value is f bit for bit: f − sg(f) is exactly 0.
             detached = jax.lax.stop_gradient(features)
             head_input = detached + sprm_backbone_grad_scale * (features - detached)
             step_logits = self.sprm(head_input, deterministic=deterministic)
-        return ModelOutput(logits, features, step_logits, cache)
+        return ModelOutput(logits, features, step_logits, cache, hidden)
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """The LM head: final hidden states [batch, seq, hidden] -> float32 logits [batch, seq, vocab]."""
+        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
 
 def _abstract_params(module: ReflectiveModel) -> Any:
     return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
-def param_shardings(module: ReflectiveModel, mesh: jax.sharding.Mesh, rules=None) -> Any:
+@functools.cache
+def param_shardings(module: ReflectiveModel, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES) -> Any:
     """NamedShardings of every parameter on `mesh` through the logical-axis rules table.
 
     A dimension that the mapped mesh axes do not divide (a vocabulary of 97 over 2 devices) stays replicated.
     """
-    from metastone_jax.sharding import LOGICAL_RULES, fit_spec
-
     abstract = _abstract_params(module)
-    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules or LOGICAL_RULES)
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules)
     return jax.tree.map(
         lambda box, spec: jax.sharding.NamedSharding(mesh, fit_spec(spec, box.value.shape, mesh)),
         abstract,
@@ -109,15 +115,23 @@ def param_shardings(module: ReflectiveModel, mesh: jax.sharding.Mesh, rules=None
     )
 
 
-def init_params(module: ReflectiveModel, key: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Any:
-    """Randomly initialised parameters (plain arrays), created directly in their sharding when `mesh` is given."""
+def init_params(
+    module: ReflectiveModel, key: jax.Array, mesh: jax.sharding.Mesh | None = None, *, only: str | None = None
+) -> Any:
+    """Randomly initialised parameters (plain arrays), created directly in their sharding when `mesh` is given.
+
+    `only` names one top-level entry to initialise alone, e.g. `only=HEAD` for a pretrained backbone without a
+    head (the compiler drops the rest; the values equal those of a full initialisation).
+    """
 
     def init(key):
-        return nn.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+        params = nn.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+        return params if only is None else params[only]
 
     if mesh is None:
         return jax.jit(init)(key)
-    return jax.jit(init, out_shardings=param_shardings(module, mesh))(key)
+    shardings = param_shardings(module, mesh)
+    return jax.jit(init, out_shardings=shardings if only is None else shardings[only])(key)
 
 
 @dataclasses.dataclass
@@ -134,8 +148,6 @@ class Model:
 
     def __call__(self, tokens: jax.Array, **kwargs) -> ModelOutput:
         """tokens [batch, seq] int -> ModelOutput(logits, features, step_logits, cache); kwargs as ReflectiveModel."""
-        from metastone_jax.sharding import LOGICAL_RULES
-
         with contextlib.ExitStack() as stack:
             if self.mesh is not None:
                 stack.enter_context(jax.set_mesh(self.mesh))

@@ -101,11 +101,6 @@ def step_score_mask(
     return _shift_left(starts, 1, False)
 
 
-def step_scores(step_logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """sigmoid of the logits where `mask`, 0 elsewhere."""
-    return jnp.where(mask, jax.nn.sigmoid(step_logits), 0.0)
-
-
 def trajectory_score(step_logits: jax.Array, mask: jax.Array) -> jax.Array:
     """[batch]: geometric mean of the masked step scores (each clamped to >= 1e-6); 0 for a trajectory with no step."""
     log_scores = jnp.log(jnp.clip(jax.nn.sigmoid(step_logits.astype(jnp.float32)), MIN_STEP_SCORE, 1.0))

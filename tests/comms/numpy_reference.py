@@ -1,4 +1,4 @@
-"""NumPy simulations of n workers for the compressed collectives, written from the SPEC, independent of comms/.
+"""NumPy simulations of n workers for the compressed collectives, from docs/algorithms.md, independent of comms/.
 
 `bytegrad` and `onebit` reduce one vector; `per_tensor` runs them on each tensor of a model separately, as
 DeepSpeed calls its 1-bit all-reduce once per parameter (own padding, scales and error buffers per tensor).

@@ -23,6 +23,8 @@ ALGORITHMS = [
     ("local_sgd", {"period": 2}),
 ]
 NUM_STEPS = 4
+# --bandwidth/--latency: a namespace shaped by tc, and an NFQUEUE rule whose packets launch.packet_delay holds back.
+NEEDS_SLOW_LINK = pytest.mark.needs("root", "ip", "tc", "iptables-legacy", "netns", "nfqueue")
 
 
 def train_all(fetch):
@@ -66,7 +68,7 @@ def test_two_processes_over_gloo_match_one_process_with_two_devices(tmp_path):
     assert_same_as_in_process(output_file, launched)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the shaped namespace needs root (ip netns, tc)")
+@NEEDS_SLOW_LINK
 def test_two_processes_behind_a_shaped_loopback_match_one_process(tmp_path):
     output_file = tmp_path / "results.npz"
     launched = launch(
@@ -144,9 +146,7 @@ else:
 """
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("iptables-legacy") is None, reason="the delayed namespace needs root and iptables"
-)
+@NEEDS_SLOW_LINK
 def test_latency_delays_every_packet_so_a_round_trip_takes_twice_the_latency(tmp_path):
     script = tmp_path / "ping_pong.py"
     script.write_text(PING_PONG.format(rank=local_cluster.PROCESS_ID_ENV))
@@ -182,7 +182,7 @@ def test_latency_without_iptables_names_the_package_to_install(monkeypatch):
 
 
 if __name__ == "__main__":
-    from launch.local_cluster import initialize_from_env
+    from metastone_jax.distributed import initialize_from_env
 
     process_id, _ = initialize_from_env()
     from tests.comms import harness
@@ -203,14 +203,3 @@ def test_children_get_the_cluster_variables_and_huge_pages_without_losing_other_
     merged = local_cluster.glibc_tunables(chosen, "glibc.malloc.mmap_max=0:glibc.malloc.hugetlb=1")
     assert merged == "glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=0"
     assert local_cluster.glibc_tunables({"GLIBC_TUNABLES": merged}, "glibc.malloc.mmap_max=0") == merged
-
-
-def test_outside_a_launch_only_auto_detect_joins_through_jax_distributed(monkeypatch):
-    import jax
-
-    joined = []
-    monkeypatch.delenv(local_cluster.COORDINATOR_ENV, raising=False)
-    monkeypatch.setattr(jax.distributed, "initialize", lambda: joined.append(True))
-    assert local_cluster.initialize_from_env() == (0, 1) and not joined
-    assert local_cluster.initialize_from_env(auto_detect=True) == (jax.process_index(), jax.process_count())
-    assert joined == [True]
