@@ -20,7 +20,8 @@ from metastone_jax.config import Qwen2Config, RunConfig
 from metastone_jax.models.reflective import ReflectiveModel, param_shardings
 from metastone_jax.rollout import bucket, make_replica_sampler
 from metastone_jax.sharding import DATA_AXIS
-from metastone_jax.step import abstract_train_state, make_optimizer, make_rl_step, make_sft_step
+from metastone_jax.step import make_rl_step, make_sft_step
+from metastone_jax.train_state import abstract_train_state, make_optimizer
 
 
 @dataclasses.dataclass

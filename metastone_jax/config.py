@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +20,6 @@ from pydantic import AfterValidator, Field
 import comms
 from metastone_jax.data.arithmetic import ArithmeticTask
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 # Test-time-scaling modes: sampled trajectories per question.
 EVAL_MODES = {"low": 2, "medium": 8, "high": 32}
 ANSWER_FORMATS = ("auto", "plain", "gsm8k", "boxed")
@@ -101,73 +99,6 @@ class Qwen2Config:
         c = self.hidden_size
         return 2 * c * c + 4 * c + 1
 
-    @classmethod
-    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> Qwen2Config:
-        """Reads a Hugging Face Qwen2 config, refusing what this implementation would silently get wrong."""
-        model_type = raw.get("model_type")
-        if model_type != "qwen2":
-            raise ValueError(f"{source}: model_type={model_type!r} is not supported; only 'qwen2' is")
-        architectures = raw.get("architectures") or list(SUPPORTED_ARCHITECTURES)
-        unsupported = [a for a in architectures if a not in SUPPORTED_ARCHITECTURES]
-        if unsupported:
-            raise ValueError(f"{source}: architecture {unsupported[0]!r} is not supported; only Qwen2ForCausalLM is")
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(
-                f"{source}: rope scaling {rope_type!r} is not supported; only default rotary embeddings are"
-            )
-        if raw.get("use_sliding_window", False):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported; only full attention is")
-        layer_types = set(raw.get("layer_types") or []) - {"full_attention"}
-        if layer_types:
-            raise ValueError(
-                f"{source}: layer_types other than 'full_attention' are not supported: {sorted(layer_types)}"
-            )
-        head_dim = raw.get("head_dim")
-        if head_dim is not None and head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
-            raise ValueError(f"{source}: head_dim={head_dim} != hidden_size / num_attention_heads is not supported")
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in raw]
-        if missing:
-            raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in fields}
-        kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
-        if "rope_theta" not in raw and "rope_theta" in rope:
-            kwargs["rope_theta"] = rope["rope_theta"]
-        try:
-            return cls(**kwargs)
-        except pydantic.ValidationError as e:
-            error = e.errors()[0]
-            field = ".".join(map(str, error["loc"]))
-            raise ValueError(f"{source}: {field or 'config'}: {error['msg'].removeprefix('Value error, ')}") from None
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> Qwen2Config:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(raw, source=str(path))
-
-    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
-        """The config.json that transformers and vLLM load as Qwen2ForCausalLM."""
-        return {
-            **dataclasses.asdict(self),
-            "architectures": list(SUPPORTED_ARCHITECTURES),
-            "model_type": "qwen2",
-            "rope_scaling": None,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": self.num_hidden_layers,
-            "attention_dropout": 0.0,
-            "torch_dtype": torch_dtype,
-            "use_cache": True,
-        }
-
 
 @section
 class ModelConfig:
@@ -188,7 +119,9 @@ class ModelConfig:
 
     def qwen2_config(self) -> Qwen2Config:
         """The architecture actually built: `pretrained`'s config.json when set, else `architecture`."""
-        return Qwen2Config.from_json(Path(self.pretrained) / "config.json") if self.pretrained else self.architecture
+        from metastone_jax.hf import read_config  # hf reads config.json into this module's Qwen2Config
+
+        return read_config(Path(self.pretrained) / "config.json") if self.pretrained else self.architecture
 
 
 @section

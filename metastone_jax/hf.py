@@ -7,6 +7,7 @@ tensor names, shapes) is checked before any weight is read, so a bad directory f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pydantic
 from flax import traverse_util
 
 from metastone_jax.config import MeshConfig, Qwen2Config
@@ -24,6 +26,67 @@ from metastone_jax.safetensors_io import SafetensorsFiles, save_file
 from metastone_jax.sharding import make_mesh, to_host
 
 HEAD_FILES = ("score_module.pt", "score_module.safetensors")
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+
+def read_config(path: str | Path) -> Qwen2Config:
+    """A Hugging Face Qwen2 config.json, refusing what this implementation would silently get wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    model_type = raw.get("model_type")
+    if model_type != "qwen2":
+        raise ValueError(f"{path}: model_type={model_type!r} is not supported; only 'qwen2' is")
+    architectures = raw.get("architectures") or list(SUPPORTED_ARCHITECTURES)
+    unsupported = [a for a in architectures if a not in SUPPORTED_ARCHITECTURES]
+    if unsupported:
+        raise ValueError(f"{path}: architecture {unsupported[0]!r} is not supported; only Qwen2ForCausalLM is")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"{path}: rope scaling {rope_type!r} is not supported; only default rotary embeddings are")
+    if raw.get("use_sliding_window", False):
+        raise ValueError(f"{path}: use_sliding_window=true is not supported; only full attention is")
+    layer_types = set(raw.get("layer_types") or []) - {"full_attention"}
+    if layer_types:
+        raise ValueError(f"{path}: layer_types other than 'full_attention' are not supported: {sorted(layer_types)}")
+    head_dim = raw.get("head_dim")
+    if head_dim is not None and head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
+        raise ValueError(f"{path}: head_dim={head_dim} != hidden_size / num_attention_heads is not supported")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing required field(s) {', '.join(missing)}")
+    kwargs = {k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(Qwen2Config)}}
+    kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
+    if "rope_theta" not in raw and "rope_theta" in rope:
+        kwargs["rope_theta"] = rope["rope_theta"]
+    try:
+        return Qwen2Config(**kwargs)
+    except pydantic.ValidationError as e:
+        error = e.errors()[0]
+        field = ".".join(map(str, error["loc"]))
+        where = f"{field}={error['input']!r}" if field else "config"
+        raise ValueError(f"{path}: {where}: {error['msg'].removeprefix('Value error, ')}") from None
+
+
+def config_json(config: Qwen2Config, torch_dtype: str = "float32") -> dict[str, Any]:
+    """The config.json that transformers and vLLM load as Qwen2ForCausalLM."""
+    return {
+        **dataclasses.asdict(config),
+        "architectures": list(SUPPORTED_ARCHITECTURES),
+        "model_type": "qwen2",
+        "rope_scaling": None,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": config.num_hidden_layers,
+        "attention_dropout": 0.0,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+    }
 
 
 def _entries(config: Qwen2Config, with_head: bool) -> list[tuple[str, str, str, tuple[int, int] | None]]:
@@ -161,7 +224,7 @@ def load_hf(
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    config = Qwen2Config.from_json(path / "config.json")
+    config = read_config(path / "config.json")
     weights = SafetensorsFiles(_weight_files(path))
     head_path = next((path / f for f in HEAD_FILES if (path / f).is_file()), None)
     if with_head and head_path is None:
@@ -267,7 +330,7 @@ def save_hf(model: Model, path: str | Path, *, max_shard_bytes: int = 4 << 30) -
     )
     if is_writer:
         path.mkdir(parents=True, exist_ok=True)
-        config = model.module.config.to_hf_dict(torch_dtype=jnp.dtype(model.module.param_dtype).name)
+        config = config_json(model.module.config, torch_dtype=jnp.dtype(model.module.param_dtype).name)
         (path / "config.json").write_text(json.dumps(config, indent=2))
     for file, entries in zip(files, shards):
         shard = tensors(entries)  # every process takes part in gathering non-addressable arrays

@@ -38,14 +38,8 @@ from metastone_jax.metrics_log import MetricsWriter
 from metastone_jax.models.reflective import HEAD, Model, ReflectiveModel, init_params, param_shardings
 from metastone_jax.rollout import collect_rollouts, make_replica_sampler, replica_params, sft_batch
 from metastone_jax.sharding import make_mesh
-from metastone_jax.step import (
-    TrainState,
-    abstract_train_state,
-    init_train_state,
-    make_optimizer,
-    make_rl_step,
-    make_sft_step,
-)
+from metastone_jax.step import make_rl_step, make_sft_step
+from metastone_jax.train_state import TrainState, abstract_train_state, init_train_state, make_optimizer
 
 PyTree = Any
 

@@ -13,9 +13,9 @@ import optax
 import pytest
 
 import comms
-from metastone_jax import losses, step
+from metastone_jax import losses, step, train_state
 from metastone_jax.config import MeshConfig, Qwen2Config, RLConfig
-from metastone_jax.models.reflective import ReflectiveModel, init_params
+from metastone_jax.models.reflective import HEAD, ReflectiveModel, init_params
 from metastone_jax.sharding import make_mesh
 
 CONFIG = Qwen2Config(
@@ -82,8 +82,8 @@ def _leaves(tree):
 
 
 def _policy_and_head(tree):
-    head = tree[step.HEAD]
-    return {k: v for k, v in tree.items() if k != step.HEAD}, head
+    head = tree[HEAD]
+    return {k: v for k, v in tree.items() if k != HEAD}, head
 
 
 def capture_gradients() -> optax.GradientTransformation:
@@ -96,8 +96,8 @@ def capture_gradients() -> optax.GradientTransformation:
 def test_sft_steps_lower_the_loss_and_pmean_keeps_the_four_replicas_bit_identical(params):
     mesh = _mesh(4)
     algorithm = comms.get("pmean")
-    tx = step.make_optimizer(algorithm, 1e-2)
-    state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+    tx = train_state.make_optimizer(algorithm, 1e-2)
+    state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
     train_step = step.make_sft_step(MODULE, algorithm, tx, mesh)
     batch = sft_batch()
     history = []
@@ -114,8 +114,8 @@ def test_sft_steps_lower_the_loss_and_pmean_keeps_the_four_replicas_bit_identica
 def test_optimizer_moments_are_sharded_like_their_parameters_with_a_replica_axis(params):
     mesh = _mesh(2, fsdp=2)
     algorithm = comms.get("pmean")
-    tx = step.make_optimizer(algorithm, 1e-3)
-    state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+    tx = train_state.make_optimizer(algorithm, 1e-3)
+    state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
     kernel = state.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]  # [replicas, layers, embed, mlp]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("data", None, "fsdp", "tensor")
     adam = state.opt_state.inner_states["policy"].inner_state[1][0]
@@ -188,7 +188,7 @@ def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_fu
     mesh = _mesh(replicas, fsdp=fsdp)
     algorithm = comms.get("pmean")
     # A large eps keeps Adam's first step (≈ lr·sign(g)) smooth in g, so float rounding cannot flip a tiny gradient.
-    tx = step.make_optimizer(algorithm, 1e-3, eps=1e-4, head_learning_rate=1e-3)
+    tx = train_state.make_optimizer(algorithm, 1e-3, eps=1e-4, head_learning_rate=1e-3)
     config = RLConfig(
         group_size=GROUP,
         kl_coef=0.1,
@@ -197,7 +197,7 @@ def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_fu
         micro_batch_size=micro_batch_size,
     )
     batch = rl_batch()
-    state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+    state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
     rl_step = step.make_rl_step(
         MODULE, algorithm, tx, mesh, config, temperature=0.7, dropout_seed=3, logits_chunk=logits_chunk
     )
@@ -214,10 +214,10 @@ def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_fu
 def test_micro_batched_sft_step_with_chunked_logits_equals_the_one_batch_step(params):
     mesh = _mesh(2, fsdp=2)
     algorithm = comms.get("pmean")
-    tx = step.make_optimizer(algorithm, 1e-3, eps=1e-4)
+    tx = train_state.make_optimizer(algorithm, 1e-3, eps=1e-4)
     results = []
     for micro_batch_size, logits_chunk in [(0, 0), (2, 5)]:  # 4 micro-batches of one row per replica
-        state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+        state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
         train_step = step.make_sft_step(
             MODULE, algorithm, tx, mesh, micro_batch_size=micro_batch_size, logits_chunk=logits_chunk
         )
@@ -240,7 +240,7 @@ def test_spr_gradient_reaches_the_backbone_scaled_by_the_configured_fraction(par
 
     def spr_gradients(scale):
         config = RLConfig(group_size=GROUP, kl_coef=0.0, entropy_coef=0.0, sprm_backbone_grad_scale=scale)
-        state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+        state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
         state, metrics = step.make_rl_step(MODULE, algorithm, tx, mesh, config)(state, batch, ref_params)
         assert float(metrics["spr_loss"]) > 0
         return jax.tree.map(lambda g: np.asarray(g[0]), state.opt_state)
@@ -264,7 +264,7 @@ def np_first_adamw_update(grads, params, lr, weight_decay, clip_norm, eps=1e-8):
 @pytest.mark.parametrize("frozen", ["policy", "head"])
 def test_head_optimizer_touches_only_the_head_and_policy_optimizer_only_the_rest(params, frozen):
     policy_lr, head_lr = (0.0, 1e-2) if frozen == "policy" else (1e-2, 0.0)
-    tx = step.make_optimizer(comms.get("pmean"), policy_lr, weight_decay=0.1, head_learning_rate=head_lr)
+    tx = train_state.make_optimizer(comms.get("pmean"), policy_lr, weight_decay=0.1, head_learning_rate=head_lr)
     rng = np.random.default_rng(0)
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
@@ -285,8 +285,8 @@ def test_head_optimizer_touches_only_the_head_and_policy_optimizer_only_the_rest
 def test_train_steps_name_missing_batch_keys_and_indivisible_batches(params, ref_params):
     mesh = _mesh(2)
     algorithm = comms.get("pmean")
-    tx = step.make_optimizer(algorithm, 1e-3)
-    state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+    tx = train_state.make_optimizer(algorithm, 1e-3)
+    state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
     rl_step = step.make_rl_step(MODULE, algorithm, tx, mesh, RLConfig(group_size=GROUP))
     batch = rl_batch()
     with pytest.raises(ValueError, match="missing outcome"):
@@ -303,7 +303,7 @@ def test_sft_steps_given_the_comm_phase_equal_steps_that_choose_it_at_run_time(p
     # 1-bit Adam's warm-up, then compressed momenta: the train loop passes algorithm.phase(k) for update k.
     mesh = _mesh(2)
     algorithm = comms.get("onebit_adam", warmup_steps=2)
-    tx = step.make_optimizer(algorithm, 1e-2)
+    tx = train_state.make_optimizer(algorithm, 1e-2)
     train_step = step.make_sft_step(MODULE, algorithm, tx, mesh)
     phases = {
         "run time": [None] * 4,
@@ -312,7 +312,7 @@ def test_sft_steps_given_the_comm_phase_equal_steps_that_choose_it_at_run_time(p
     }
     params_after = {}
     for name, given in phases.items():
-        state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+        state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
         for k, phase in enumerate(given):
             state, _ = train_step(state, sft_batch(k), phase=phase)
         params_after[name] = _leaves(state.params)
@@ -338,8 +338,8 @@ def test_one_replica_sharded_over_fsdp_steps_like_one_device(params, name, optio
         algorithm, mesh = comms.get(name, **options), _mesh(1, fsdp=fsdp)
         # A large eps: after one warm-up step, entries with a tiny frozen variance step by ~lr * scale / sqrt(v),
         # which would magnify a 1-bit sign that sharding's rounding flips.
-        tx = step.make_optimizer(algorithm, 1e-3, eps=1e-3)
-        state = step.init_train_state(MODULE, algorithm, tx, mesh, params)
+        tx = train_state.make_optimizer(algorithm, 1e-3, eps=1e-3)
+        state = train_state.init_train_state(MODULE, algorithm, tx, mesh, params)
         train_step = step.make_sft_step(MODULE, algorithm, tx, mesh)
         for update in range(3):  # 1-bit Adam: a warm-up, then compressed updates; local SGD averages after update 2
             state, metrics = train_step(state, sft_batch(update), phase=algorithm.phase(update))
