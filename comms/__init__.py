@@ -17,7 +17,7 @@ from comms.api import (
     replicate,
     strip_replica_dim,
 )
-from comms.wire import wire_bytes
+from comms.wire import wire_bytes, wire_bytes_by_axes
 
 __all__ = [
     "ALGORITHMS",
@@ -37,4 +37,5 @@ __all__ = [
     "replicate",
     "strip_replica_dim",
     "wire_bytes",
+    "wire_bytes_by_axes",
 ]

@@ -1,4 +1,5 @@
-"""Bytes on the wire, read from compiled HLO: the operand sizes of every collective, by kind and in total.
+"""Bytes on the wire, read from compiled HLO: the operand sizes of every collective, by kind and in total, or by the
+mesh axes the collective runs over.
 
 Counts each collective instruction once (a collective inside a loop body is not multiplied by the trip
 count). Async pairs count at their `-start`; an `async-start` wrapper is skipped because the collective
@@ -7,8 +8,11 @@ inside the computation it calls is counted itself.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
+
+import numpy as np
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
 
@@ -80,10 +84,11 @@ def _operand_bytes(operand: str, shapes: dict[str, str]) -> int:
     return shape_bytes(shapes[name])
 
 
-def wire_bytes(compiled: Any) -> dict[str, int]:
-    """Operand bytes of every collective in `compiled` (a `jax.stages.Compiled` or its `as_text()`).
+def _collectives(compiled: Any) -> list[tuple[str, int, str, bool]]:
+    """(kind, operand bytes, the rest of the instruction, whether it crosses slices) of every collective.
 
-    Returns {kind: bytes for each of COLLECTIVES, "total": their sum}.
+    In a program compiled for several TPU slices, a collective across slices is a `send` to XLA's megascale
+    runtime (its kind in the attribute `_xla_megascale_transfer_type`), whose `recv` brings the result back.
     """
     text = compiled if isinstance(compiled, str) else compiled.as_text()
     shapes, calls = {}, []
@@ -95,12 +100,74 @@ def wire_bytes(compiled: Any) -> dict[str, int]:
         shape, tail = _split_shape(rest)
         shapes[name] = shape
         opcode = re.match(r"[\w\-]+", tail)
-        if opcode:
-            kind = opcode.group(0).removesuffix("-start")
-            if kind in COLLECTIVES:
-                calls.append((kind, tail))
+        if not opcode:
+            continue
+        kind = opcode.group(0).removesuffix("-start")
+        across = _ACROSS_SLICES.search(tail) if kind == "send" else None
+        if kind in COLLECTIVES:
+            calls.append((kind, tail, _operands(tail), False))
+        elif across:
+            calls.append((across.group(1).lower().replace("_", "-"), tail, _operands(tail)[:1], True))
+    return [
+        (kind, sum(_operand_bytes(op, shapes) for op in operands), tail, across)
+        for kind, tail, operands, across in calls
+    ]
+
+
+def wire_bytes(compiled: Any) -> dict[str, int]:
+    """Operand bytes of every collective in `compiled` (a `jax.stages.Compiled` or its `as_text()`).
+
+    Returns {kind: bytes for each of COLLECTIVES, "total": their sum}.
+    """
     totals = dict.fromkeys(COLLECTIVES, 0)
-    for kind, tail in calls:
-        totals[kind] += sum(_operand_bytes(operand, shapes) for operand in _operands(tail))
+    for kind, size, _, _ in _collectives(compiled):
+        totals[kind] = totals.get(kind, 0) + size
     totals["total"] = sum(totals.values())
     return totals
+
+
+def wire_bytes_by_axes(compiled: Any, mesh_shape: dict[str, int]) -> dict[str, int]:
+    """Operand bytes of the collectives by the mesh axes their device groups span, e.g. {"data": .., "fsdp": ..};
+    a collective over several axes counts under their names joined by "+" (in mesh order), and one across TPU
+    slices under "slices".
+
+    `mesh_shape` ({axis: size}, in order) is the mesh of the devices the program was compiled for: device ids in the
+    HLO are positions in its row-major device order (of one slice's part of the mesh, for several slices).
+    Collectives whose groups hold one device move nothing and are left out.
+    """
+    sizes = tuple(mesh_shape.values())
+    totals: dict[str, int] = {}
+    for _, size, tail, across in _collectives(compiled):
+        groups = [] if across else _device_groups(tail, math.prod(sizes))
+        coordinates = [np.array(np.unravel_index(np.asarray(group), sizes)) for group in groups]
+        spanned = [list(mesh_shape)[i] for i in range(len(sizes)) if any(len(set(c[i])) > 1 for c in coordinates)]
+        label = "slices" if across else "+".join(spanned)
+        if label:
+            totals[label] = totals.get(label, 0) + size
+    return totals
+
+
+_ACROSS_SLICES = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_GROUP_LIST = re.compile(r"(?:replica_groups|source_target_pairs)=\{((?:\{[\d,\s]*\},?\s*)*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+
+
+def _device_groups(tail: str, num_devices: int) -> list[list[int]]:
+    """The device groups of a collective, from any of XLA's spellings: explicit lists (or collective-permute's
+    source-target pairs), iota tiles `[groups,size]<=[dims]T(perm)`, or named-mesh groups
+    `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`; no groups means all devices."""
+    if match := _IOTA_GROUPS.search(tail):
+        shape, dims, perm = ([int(x) for x in g.split(",")] if g else None for g in match.groups())
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        return (ids.transpose(perm) if perm else ids).reshape(shape).tolist()
+    if match := _MESH_GROUPS.search(tail):
+        axes = dict(re.findall(r"'(\w+)'=(\d+)", match.group(1)))
+        spanned = re.findall(r"'(\w+)'", match.group(2))
+        ids = np.arange(num_devices).reshape([int(n) for n in axes.values()])
+        order = [i for i, name in enumerate(axes) if name not in spanned] + [list(axes).index(n) for n in spanned]
+        span = math.prod(int(axes[n]) for n in spanned)
+        return ids.transpose(order).reshape(-1, span).tolist()
+    if (match := _GROUP_LIST.search(tail)) and match.group(1).strip():
+        return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", match.group(1))]
+    return [list(range(num_devices))]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metastone_jax.config import MESH_AXES, MeshConfig
@@ -42,10 +42,24 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (all devices by default), with Auto axis types."""
+    """A (data, fsdp, tensor) mesh over `devices` (all devices by default), with Auto axis types.
+
+    Devices of several TPU slices (joined by DCN) are laid out with `data` across the slices and `fsdp`/`tensor`
+    inside each, so that only the replica axis crosses the slow links.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = (config or MeshConfig()).shape(len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * 3
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    if shape[0] % slices:
+        raise ValueError(
+            f"mesh data={shape[0]} does not split over the {slices} slices of the devices: the replica axis `data` "
+            f"runs across slices, so make it a multiple of {slices}"
+        )
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_rules(manual_axes: Sequence[str] = ()) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:

@@ -19,9 +19,10 @@ from metastone_jax.config_loading import (
 
 def test_no_preset_is_the_tiny_preset_and_presets_compose_from_the_defaults():
     assert load_config(None) == load_config("tiny")
-    # qwen2_1.5b is the documented defaults plus a few keys; the other scales inherit from it.
+    # qwen2_1.5b is the documented defaults plus a few keys (and the micro-batches that fit a TPU v5p-16); the other
+    # scales inherit from it.
     base = load_config("qwen2_1.5b")
-    assert base.rl == dataclasses.replace(RunConfig().rl, steps=1000)
+    assert base.rl == dataclasses.replace(RunConfig().rl, steps=1000, micro_batch_size=64)
     assert load_config("multislice_onebit") == dataclasses.replace(
         base, mesh=dataclasses.replace(base.mesh, data=2), comm=load_config("multislice_onebit").comm
     )

@@ -1,7 +1,22 @@
-"""Causal grouped-query attention, behind one function: `attention(q, k, v, mask, cache_index)`.
+"""Causal grouped-query attention by platform, behind one function: `attention(q, k, v, kv_mask, cache_index)`.
 
-The implementation here is blocked: the queries are split into blocks, each against only the key slots it can see,
-with hand-written backward passes that keep XLA:CPU on its fast matmul paths.
+Queries sit at cache slots cache_index + [0, S); a query at slot i attends to the key slots j <= i whose kv_mask is
+True (left padding is masked key slots, causality is by absolute slot). The paths build their masks from kv_mask
+[batch, kv_len] where they need them: none on TPU (the kernel masks by block and by segment), one per query block on
+CPU, one [batch, 1, seq, kv_len] on GPU (the only form cuDNN takes), never one per head.
+
+- TPU: Pallas splash attention (flash attention with block-sparse causal masks; kv_mask as segment ids), in
+  `models/splash.py`.
+- GPU: `jax.nn.dot_product_attention`, cuDNN's fused kernel for half precision where cuDNN takes the shapes.
+- CPU: blocked attention: query blocks each against only the key slots they can see, with hand-written backward
+  passes that keep XLA:CPU on its fast matmul paths.
+- Decoding (a traced cache_index): one masked pass over the cache on every platform; it has one or a few queries.
+
+The platform is the one the traced program runs on: that of the mesh in context (a shard_map's, or `jax.set_mesh`),
+else JAX's default backend, so that a CPU host compiling ahead of time for TPU devices traces the TPU path.
+(`jax.lax.platform_dependent` would trace and differentiate every path: the residuals of a switch are joined over
+its branches, so the TPU program would carry zero-filled copies of the CPU path's saved probabilities, and the
+cuDNN path cannot be traced at all on a host without cuDNN.)
 """
 
 from __future__ import annotations
@@ -12,28 +27,83 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-# Causal attention runs in this many query blocks, each against only the keys it can see: about half the work of
-# the full [seq, kv_len] scores, and tiles that stay in cache (on CPU this is what closes the gap to torch's fused
+from metastone_jax.models.splash import splash_attention
+
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+# Causal attention on CPU runs in this many query blocks, each against only the keys it can see: about half the work
+# of the full [seq, kv_len] scores, and tiles that stay in cache (on CPU this is what closes the gap to torch's fused
 # SDPA kernel).
 QUERY_BLOCKS = 8
 MIN_QUERY_BLOCK = 32
 
 
-def attention(q, k, v, mask, cache_index):
-    """Grouped-query causal attention. q [B, S, H, D] at slots cache_index + [0, S), k/v [B, T, K, D], mask [B, S, T].
+def attention(q, k, v, kv_mask, cache_index):
+    """Grouped-query causal attention: q [B, S, H, D] at slots cache_index + [0, S), k/v [B, T, K, D], kv_mask [B, T].
 
-    With a static `cache_index` the queries are split into blocks and each block reads only key slots up to its last
-    query's slot (the mask is causal, so later slots are masked anyway); a traced one (decoding) reads all T.
+    Returns [B, S, H, D]. A query whose slot sees no valid key (left padding) gets an arbitrary finite output.
     """
-    seq, kv_len = q.shape[1], k.shape[1]
     if not isinstance(cache_index, int):
-        return _attention_block(q, k, v, mask)
+        return _attention_block(q, k, v, visible_keys(kv_mask, q.shape[1], cache_index))
+    platform = _platform()
+    if platform == "tpu":
+        return splash_attention(q, k, v, kv_mask, cache_index)
+    if platform in GPU_PLATFORMS:
+        return gpu_attention(q, k, v, kv_mask, cache_index)
+    return blocked_attention(q, k, v, kv_mask, cache_index)
+
+
+def _platform() -> str:
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def visible_keys(kv_mask: jax.Array, seq: int, first_slot) -> jax.Array:
+    """[batch, seq, kv_len] bool: query slot first_slot + s sees key slot t iff t <= that slot and kv_mask[t]."""
+    causal = jnp.arange(kv_mask.shape[-1])[None, :] <= first_slot + jnp.arange(seq)[:, None]
+    return causal[None] & kv_mask[:, None, :].astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+def gpu_attention(q, k, v, kv_mask, cache_index: int, implementation: str | None = "cudnn"):
+    """`jax.nn.dot_product_attention` with a [B, 1, S, T] mask (cuDNN takes masks whole: its bias must be [S, T]).
+
+    cuDNN's fused kernel runs in half precision and a subset of shapes; where it refuses (or there is no cuDNN),
+    XLA's implementation computes the same. Starting at slot 0 the causal mask is also declared, so that cuDNN skips
+    the blocks above the diagonal.
+    """
+    mask = visible_keys(kv_mask, q.shape[1], cache_index)[:, None]
+
+    def attend(implementation):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=cache_index == 0, implementation=implementation
+        )
+
+    if implementation != "cudnn":
+        return attend(implementation)
+    try:
+        return attend("cudnn")
+    except (RuntimeError, ValueError, NotImplementedError):  # no cuDNN, or a dtype/shape it does not take
+        return attend(None)
+
+
+# ----------------------------------------------------------------------------------------------- CPU
+
+
+def blocked_attention(q, k, v, kv_mask, cache_index: int):
+    """The queries split into blocks, each against only the key slots up to its last query's slot (later slots are
+    causally masked anyway), with hand-written backward passes."""
+    seq, kv_len = q.shape[1], k.shape[1]
     block = max(MIN_QUERY_BLOCK, -(-seq // QUERY_BLOCKS))
     starts = range(0, seq, block)
     sizes = tuple(min(block, seq - start) for start in starts)
     keys = tuple(min(kv_len, cache_index + start + size) for start, size in zip(starts, sizes))
     blocks = zip(starts, sizes, keys, _split(q, sizes), _prefixes(k, keys, kv_len), _prefixes(v, keys, kv_len))
-    outputs = [_attention_block(qb, kb, vb, mask[:, s : s + n, :t]) for s, n, t, qb, kb, vb in blocks]
+    outputs = [
+        _attention_block(qb, kb, vb, visible_keys(kv_mask[:, :t], n, cache_index + s)) for s, n, t, qb, kb, vb in blocks
+    ]
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
 
 

@@ -111,7 +111,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache: KVCache | None, cache_index):
+    def __call__(self, x, positions, kv_mask, cache: KVCache | None, cache_index):
         cfg = self.config
         heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -141,7 +141,7 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("act_batch", "cache_length", "act_kv_heads", None))
         v = nn.with_logical_constraint(v, ("act_batch", "cache_length", "act_kv_heads", None))
 
-        out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, cache_index)
+        out = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_mask, cache_index)
         out = HeadProjection(
             (cfg.hidden_size,),
             ("heads", "head_dim", "embed"),
@@ -189,11 +189,11 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, carry, cache: KVCache | None, positions, mask, cache_index):
+    def __call__(self, carry, cache: KVCache | None, positions, kv_mask, cache_index):
         x, _ = carry
         norm = lambda name: RMSNorm(self.config.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
         attn_out, cache = Attention(self.config, self.dtype, self.param_dtype, name="self_attn")(
-            norm("input_layernorm")(x), positions, mask, cache, cache_index
+            norm("input_layernorm")(x), positions, kv_mask, cache, cache_index
         )
         h = x + attn_out
         h = h + MLP(self.config, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
@@ -231,24 +231,17 @@ class Qwen2Model(nn.Module):
         )(cfg, self.dtype, self.param_dtype)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
 
-    def __call__(self, tokens, positions, mask, cache: KVCache | None, cache_index):
+    def __call__(self, tokens, positions, kv_mask, cache: KVCache | None, cache_index):
         # FSDP semantics: gather the table whole before the lookup. (A lookup from the fsdp-sharded table with a
         # batch-sharded result aborts XLA's partitioner inside a shard_map manual over `data`.)
         table = nn.with_logical_constraint(self.embed_tokens.embedding, (None, None))
         x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-        (x, last_layer_input), cache = self.layers((x, x), cache, positions, mask, cache_index)
+        (x, last_layer_input), cache = self.layers((x, x), cache, positions, kv_mask, cache_index)
         return self.norm(x), last_layer_input, cache
 
     def attend(self, hidden):
         return self.embed_tokens.attend(hidden)
-
-
-def attention_mask(kv_mask: jax.Array, seq_len: int, cache_index) -> jax.Array:
-    """[batch, seq, kv_len] bool: query slot cache_index+s sees key slot t iff t <= that slot and kv_mask[t]."""
-    query_slots = cache_index + jnp.arange(seq_len)
-    causal = jnp.arange(kv_mask.shape[-1])[None, :] <= query_slots[:, None]
-    return causal[None] & kv_mask[:, None, :].astype(bool)
 
 
 def init_cache(config: Qwen2Config, batch: int, length: int, dtype=jnp.float32) -> KVCache:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from metastone_jax.config import Qwen2Config
-from metastone_jax.models.qwen2 import HeadProjection, KVCache, Qwen2Model, attention_mask
+from metastone_jax.models.qwen2 import HeadProjection, KVCache, Qwen2Model
 from metastone_jax.models.sprm import SPRMHead
 from metastone_jax.sharding import LOGICAL_RULES, fit_spec
 
@@ -79,8 +79,7 @@ class ReflectiveModel(nn.Module):
         if kv_mask is None:
             kv_len = seq if cache is None else cache["k"].shape[2]
             kv_mask = jnp.ones((batch, kv_len), bool)
-        mask = attention_mask(kv_mask, seq, cache_index)
-        hidden, features, cache = self.model(tokens, positions, mask, cache, cache_index)
+        hidden, features, cache = self.model(tokens, positions, kv_mask.astype(bool), cache, cache_index)
         logits = self.project(hidden) if with_logits else None
         step_logits = None
         if self.with_head:

@@ -120,3 +120,47 @@ def test_operand_lists_with_index_comments_count_every_operand():
     )
     got = comms.wire_bytes(hlo)
     assert got["all-reduce"] == got["total"] == sum((i + 1) * 8 * 4 for i in range(7))
+
+
+AXES_HLO = """
+ENTRY %main (x: f32[64]) -> f32[64] {
+  %x = f32[64]{0} parameter(0)
+  %ar.data = f32[64]{0} all-reduce(%x), channel_id=1, replica_groups={{0,4},{1,5},{2,6},{3,7}}, to_apply=%add
+  %ag.fsdp = f32[128]{0} all-gather(%x), channel_id=2, replica_groups=[4,2]<=[8], dimensions={0}
+  %ag.tensor = f32[128]{0} all-gather(%x), channel_id=3, replica_groups=[4,2]<=[4,2]T(1,0), dimensions={0}
+  %rs.both = f32[16]{0} reduce-scatter(%x), channel_id=4, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}, to_apply=%add
+  %cp.data = f32[64]{0} collective-permute(%x), channel_id=5, source_target_pairs={{0,4},{4,0}}
+  %ar.self = f32[64]{0} all-reduce(%x), channel_id=6, replica_groups={{0},{1},{2},{3},{4},{5},{6},{7}}, to_apply=%add
+  %ar.all = f32[64]{0} all-reduce(%x), channel_id=7, replica_groups={}, to_apply=%add
+  %send = (f32[8]{0}, u32[], token[]) send(f32[8]{0} %y, token[] %t), channel_id=8, is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %out = f32[64]{0} add(%x, %x)
+}
+"""
+
+
+def test_wire_bytes_by_axes_names_the_mesh_axes_each_collective_spans():
+    # Mesh data=2 x fsdp=2 x tensor=2; device d sits at (d // 4, d // 2 % 2, d % 2).
+    got = comms.wire_bytes_by_axes(AXES_HLO, {"data": 2, "fsdp": 2, "tensor": 2})
+    assert got == {
+        "data": 64 * 4 + 64 * 4,  # the all-reduce over {d, d+4} and the permute 0 <-> 4
+        "tensor": 64 * 4,  # iota groups [4,2]<=[8]: {0,1}, {2,3}, ... differ in the last axis
+        "fsdp": 64 * 4,  # [4,2]<=[4,2]T(1,0): {0,2}, {1,3}, {4,6}, {5,7}
+        "fsdp+tensor": 64 * 4,  # a named 2 x 4 mesh over its 4-device axis: {0..3}, {4..7}
+        "data+fsdp+tensor": 64 * 4,  # no groups: every device
+        "slices": 8 * 4,  # a transfer to the other slices (megascale send); one device groups move nothing
+    }
+    assert comms.wire_bytes(AXES_HLO)["total"] == 7 * 64 * 4 + 8 * 4
+
+
+def test_wire_bytes_by_axes_of_compiled_collectives_over_each_axis_of_a_mesh():
+    mesh = jax.make_mesh(
+        (2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:4]
+    )
+
+    def step(x):
+        return jax.lax.psum(x, "data") + jax.lax.psum(x, "fsdp") + jax.lax.psum(x, ("data", "fsdp"))
+
+    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("data", "fsdp"), out_specs=P("data", "fsdp")))
+    compiled = fn.lower(jax.ShapeDtypeStruct((2, 2 * 250), jnp.float32)).compile()
+    got = comms.wire_bytes_by_axes(compiled, {"data": 2, "fsdp": 2})
+    assert got == {"data": 1000, "fsdp": 1000, "data+fsdp": 1000}  # each psum's operand: 1 x 250 float32

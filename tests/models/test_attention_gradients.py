@@ -37,7 +37,7 @@ def _ours(q, k, v, kv_mask, cache_index, theta):
     k_positions = jnp.broadcast_to(jnp.arange(kv_len), k.shape[:2])
     q = qwen2.rotary_embedding(q, q_positions, theta)
     k = qwen2.rotary_embedding(k, k_positions, theta)
-    return attention.attention(q, k, v, qwen2.attention_mask(kv_mask, seq, cache_index), cache_index)
+    return attention.attention(q, k, v, kv_mask, cache_index)
 
 
 @pytest.mark.parametrize(
