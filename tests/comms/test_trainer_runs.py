@@ -16,22 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_train import TINY as TRAIN_TINY
+
 REPO = Path(__file__).parents[2]
-TINY = [
-    "model.architecture.hidden_size=32",
-    "model.architecture.intermediate_size=64",
-    "model.architecture.num_hidden_layers=2",
-    "model.architecture.num_attention_heads=2",
-    "model.architecture.num_key_value_heads=1",
-    "sft.batch_size=8",
-    "sft.learning_rate=1e-2",
-    "sft.warmup_steps=1",
-    "rl.prompts_per_step=4",
-    "rl.group_size=2",
-    "sampling.max_new_tokens=12",
-    "eval.questions=0",
-    "checkpoint.async_save=false",
-]
+TINY = [*TRAIN_TINY, "eval.questions=0"]  # the trainer tests' tiny run, without its evaluation
 DILOCO = ["comm.algorithm=diloco", "comm.options={inner_steps: 2, compression: int4}"]
 
 
