@@ -100,9 +100,11 @@ def sample(
     rules = tuple(
         (name, tuple(target) if isinstance(target, list) else target) for name, target in nn.get_logical_axis_rules()
     )
-    # EOS and pad ids are data, not compile-time constants: another tokenizer does not recompile.
+    # EOS and pad ids are data, not compile-time constants: another tokenizer does not recompile. No gradient flows
+    # through sampling, so the layers are not rematerialised (remat would also trace the prefill's cache index and
+    # cost it the platform's attention kernel: models/qwen2.py).
     return _sample(
-        module,
+        module.clone(remat=False),
         params,
         prompt_tokens,
         prompt_mask,

@@ -141,7 +141,11 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("act_batch", "cache_length", "act_kv_heads", None))
         v = nn.with_logical_constraint(v, ("act_batch", "cache_length", "act_kv_heads", None))
 
-        out = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_mask, cache_index)
+        # Without a cache the keys are these very tokens: queries and keys start at the same slot. The Python 0 keeps
+        # the platform's kernel path (a static offset) where remat has turned cache_index into a traced value, which
+        # would otherwise pick the decoding path: full [seq, seq] scores for every head.
+        offset = cache_index if cache is not None else 0
+        out = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_mask, offset)
         out = HeadProjection(
             (cfg.hidden_size,),
             ("heads", "head_dim", "embed"),

@@ -100,6 +100,46 @@ def test_decoding_with_a_traced_cache_index_equals_plain_attention():
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_remat_keeps_the_kernel_path_and_the_values(monkeypatch):
+    """remat traces the layer's arguments, the cache index among them: the forward without a cache, and the
+    sampler's prefill, must still take the platform's path with a static offset (on this CPU the blocked
+    attention), not the decoding path's full scores, and give what the model without remat gives."""
+    from metastone_jax.config import Qwen2Config
+    from metastone_jax.models.reflective import ReflectiveModel, init_params
+    from metastone_jax.sampling import SamplingConfig, sample
+
+    offsets = []
+    blocked = attention.blocked_attention
+    monkeypatch.setattr(attention, "blocked_attention", lambda *args: offsets.append(args[-1]) or blocked(*args))
+    config = Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    plain, remat = ReflectiveModel(config), ReflectiveModel(config, remat=True)
+    params = init_params(plain, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 40), 1, 64)
+    mask = jnp.arange(40)[None, :] >= jnp.array([[0], [7]])
+
+    def loss(module):
+        return lambda params: jnp.sum(module.apply({"params": params}, tokens, None, mask).logits[:, -5:] ** 2)
+
+    want, want_grads = jax.jit(jax.value_and_grad(loss(plain)))(params)
+    offsets.clear()
+    got, got_grads = jax.jit(jax.value_and_grad(loss(remat)))(params)
+    assert offsets and all(offset == 0 and isinstance(offset, int) for offset in offsets), offsets
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got_grads, want_grads)
+
+    def draw(module):
+        options = {"config": SamplingConfig(max_new_tokens=4, temperature=1.0), "eos_ids": (-1,), "pad_id": 0}
+        return sample(module, params, tokens[:, :8], mask[:, :8], jax.random.key(2), **options)
+
+    offsets.clear()
+    got = draw(remat)
+    assert offsets and all(isinstance(offset, int) for offset in offsets), offsets  # the prefill
+    np.testing.assert_array_equal(got.sequences, draw(plain).sequences)
+
+
 requires_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed: the TPU compiler is needed to compile for abstract TPU devices "
