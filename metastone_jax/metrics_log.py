@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,21 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it is installed,
+    only to accept torch tensors, which costs a run seconds of its start; the writer here is given Python floats.
+    A process that has torch already keeps it, and one that imports torch later gets it as usual."""
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsWriter:
@@ -33,9 +49,7 @@ class MetricsWriter:
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = _summary_writer_class()(str(run_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drops lines of steps > `step` (written after the checkpoint a resumed run starts from)."""

@@ -188,6 +188,8 @@ def collect_rollouts(
 score_trajectories = jax.jit(trajectory_scores, static_argnums=(1, 2))
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def replica_params(state_params: Any, replica: int = 0) -> Any:
-    """One replica's parameters (no replica dimension), e.g. the frozen reference policy or the model to evaluate."""
+    """One replica's parameters (no replica dimension), e.g. the frozen reference policy or the model to evaluate.
+    One program for the whole tree: indexed leaf by leaf, every leaf's shape would compile (or load) its own."""
     return jax.tree.map(lambda x: x[replica], state_params)

@@ -229,8 +229,9 @@ class Trainer:
             # The RL optimizer's update count is the number of RL steps taken.
             phase = self.algorithm.phase(step - config.sft.steps)
             state, metrics = rl_step(state, rollouts.batch, ref_params, phase=phase)
+            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step, so the clock counts it
             seconds = time.perf_counter() - started
-            metrics = {k: float(v) for k, v in metrics.items()} | {
+            metrics |= {
                 "reward": float(rollouts.batch["rewards"].mean()),
                 "sprm_auroc": tts.auroc(rollouts.trajectory_scores, rollouts.batch["outcome"] > 0),
                 "response_tokens": rollouts.generated_tokens / len(rollouts.responses),

@@ -119,6 +119,7 @@ def train_state_shardings(
     return per_replica._replace(step=NamedSharding(mesh, P()))
 
 
+@functools.cache
 def abstract_train_state(
     module: ReflectiveModel, algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, mesh
 ) -> TrainState:

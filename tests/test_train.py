@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from metastone_jax import train
 from metastone_jax.config_loading import load_config
 from metastone_jax.data import ArithmeticTask, build_arithmetic_tokenizer
 from metastone_jax.models.reflective import HEAD
@@ -273,3 +274,51 @@ def test_a_second_run_loads_every_program_from_the_compilation_cache_next_to_the
     # Switched off (a run without steps: initialisation and export are enough to compile something).
     assert cache_use("off", "rl.steps=0", JAX_ENABLE_COMPILATION_CACHE="false") == {"hits": 0, "misses": 0}
     assert len(list(cache.iterdir())) == entries
+
+
+class CompileLog:
+    """The programs JAX compiles while `active` (a listener cannot be unregistered: one for the module)."""
+
+    def __init__(self):
+        self.active, self.programs = False, []
+
+    def __call__(self, event: str, seconds: float, **kwargs) -> None:
+        if self.active and event == "/jax/core/compile/backend_compile_duration":
+            self.programs.append(kwargs.get("fun_name", "?"))
+
+
+COMPILE_LOG = CompileLog()
+jax.monitoring.register_event_duration_secs_listener(COMPILE_LOG)
+
+
+def test_a_warm_step_compiles_nothing_and_a_new_batch_width_only_the_step(tmp_path, monkeypatch):
+    """Eager jnp work in the loop (one small program per shape) or a retraced step would compile again every step."""
+    config = load_config(None, TINY + ["sft.steps=2", "rl.steps=3", "eval.questions=0", f"run_dir={tmp_path}"])
+    trainer = Trainer(config, tmp_path)
+    widths = []  # the batch width of every step, in order
+
+    def recording(build, batch_of):
+        def wrapped(*args, **kwargs):
+            built = build(*args, **kwargs)
+            widths.append(batch_of(built)["tokens"].shape[1])
+            return built
+
+        return wrapped
+
+    monkeypatch.setattr(train, "sft_batch", recording(train.sft_batch, lambda batch: batch))
+    monkeypatch.setattr(train, "collect_rollouts", recording(train.collect_rollouts, lambda r: r.batch))
+    compiled = []  # the programs compiled during every step, before its hooks (the last step's checkpoint compiles)
+    trainer.hooks.insert(0, lambda end: compiled.append(COMPILE_LOG.programs[:]) or COMPILE_LOG.programs.clear())
+    COMPILE_LOG.active = True
+    try:
+        trainer.train()
+    finally:
+        COMPILE_LOG.active = False
+        COMPILE_LOG.programs.clear()
+        trainer.checkpointer.close()
+    assert len(compiled) == len(widths) == 5
+    for phase in (range(0, 2), range(2, 5)):
+        assert compiled[phase[0]], "a phase's first step compiles its programs"
+        for step in phase[1:]:
+            new_width = widths[step] not in widths[phase[0] : step]
+            assert compiled[step] == (["jit(<lambda>)"] if new_width else []), (step, widths, compiled[step])
