@@ -92,6 +92,37 @@ def test_gpu_attention_through_xla_equals_plain_attention(
     assert_forward_and_backward_equal(gpu, q, k, v, kv_mask, cache_index, weights)
 
 
+requires_gpu = pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="needs a GPU: run with JAX_PLATFORMS=cuda,cpu on a machine with one"
+)
+
+
+@requires_gpu
+@pytest.mark.parametrize("cache_index,left_padding", [(0, (0, 37)), (16, (5, 0))], ids=["prefill", "into-cache"])
+def test_attention_on_a_gpu_runs_cudnn_and_equals_plain_attention(cache_index, left_padding):
+    # A 1.5B-like head layout in bfloat16, where cuDNN's fused kernel applies; the reference runs in float32 on the
+    # same bfloat16-rounded inputs, so the tolerance is bfloat16's.
+    seq = 512 - cache_index
+    q, k, v, kv_mask, weights = inputs(2, seq, 512, 12, 2, 128, cache_index, left_padding)
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    compiled = jax.jit(lambda q, k, v: attention.attention(q, k, v, kv_mask, cache_index)).lower(q, k, v).compile()
+    assert "cudnn" in compiled.as_text().lower(), "the GPU path did not use cuDNN's fused attention"
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, kv_mask, cache_index).astype(jnp.float32) * weights)
+
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    rows = weights[..., :1, :1] != 0
+    got = np.asarray(compiled(q, k, v), np.float32)
+    want = np.asarray(plain_attention(q32, k32, v32, kv_mask, cache_index))
+    np.testing.assert_allclose(np.where(rows, got, 0), np.where(rows, want, 0), atol=2e-2 * np.abs(want).max())
+    got_grads = jax.jit(jax.grad(loss(attention.attention), argnums=(0, 1, 2)))(q, k, v)
+    want_grads = jax.grad(loss(plain_attention), argnums=(0, 1, 2))(q32, k32, v32)
+    for name, got, want in zip("qkv", got_grads, want_grads):
+        want = np.asarray(want)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2 * np.abs(want).max(), err_msg=name)
+
+
 def test_decoding_with_a_traced_cache_index_equals_plain_attention():
     q, k, v, kv_mask, weights = inputs(3, 1, 64, 4, 2, 16, 0, (0, 9, 20))
     for slot in (20, 41, 63):
@@ -100,6 +131,7 @@ def test_decoding_with_a_traced_cache_index_equals_plain_attention():
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="watches the CPU kernel (blocked attention)")
 def test_remat_keeps_the_kernel_path_and_the_values(monkeypatch):
     """remat traces the layer's arguments, the cache index among them: the forward without a cache, and the
     sampler's prefill, must still take the platform's path with a static offset (on this CPU the blocked
