@@ -204,6 +204,7 @@ def test_a_task_with_too_few_held_out_questions_is_refused():
         embedded_eval_records(task, 20)
 
 
+@pytest.mark.slow  # test_train.py runs the launcher with two processes in the default run
 def test_two_processes_through_the_launcher_evaluate_like_one_process_with_two_devices(model_dir, tmp_path):
     repo = Path(__file__).parents[1]
     evaluate = [

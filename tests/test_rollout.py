@@ -172,8 +172,8 @@ def assert_close_in_float32(got, want):
 @pytest.mark.parametrize(
     "replicas, micro_batch_size, logits_chunk",
     [
-        (1, 0, 0),
-        (2, 0, 0),
+        pytest.param(1, 0, 0, marks=pytest.mark.slow),
+        pytest.param(2, 0, 0, marks=pytest.mark.slow),  # (2, 0, 12) covers two replicas in the default run
         (2, 0, 12),
         pytest.param(
             2,

@@ -184,7 +184,12 @@ def _by_hand_rl_update(params, ref_params, batch, config, tx, seed, replicas=2, 
 
 @pytest.mark.parametrize(
     "replicas, fsdp, micro_batch_size, logits_chunk, agreement_filter, mixed_groups_only",
-    [(2, 2, 0, 0, True, False), (1, 4, 0, 0, False, False), (2, 2, 4, 5, True, False), (2, 2, 4, 5, False, True)],
+    [
+        pytest.param(2, 2, 0, 0, True, False, marks=pytest.mark.slow),  # the micro-batched cases below cover it
+        pytest.param(1, 4, 0, 0, False, False, marks=pytest.mark.slow),
+        (2, 2, 4, 5, True, False),
+        (2, 2, 4, 5, False, True),
+    ],
 )
 def test_data_parallel_rl_step_equals_the_same_update_computed_by_hand_on_the_full_batch(
     params, ref_params, replicas, fsdp, micro_batch_size, logits_chunk, agreement_filter, mixed_groups_only
@@ -340,7 +345,7 @@ def test_sft_steps_given_the_comm_phase_equal_steps_that_choose_it_at_run_time(p
 
 @pytest.mark.parametrize(
     "name, options",
-    [("onebit_adam", {"warmup_steps": 1}), ("local_sgd", {"period": 2})],
+    [pytest.param("onebit_adam", {"warmup_steps": 1}, marks=pytest.mark.slow), ("local_sgd", {"period": 2})],
 )
 def test_one_replica_sharded_over_fsdp_steps_like_one_device(params, name, options):
     """Every collective over a one-device `data` axis must compile next to an automatic fsdp axis (see comms.psum)."""

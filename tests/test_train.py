@@ -45,7 +45,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     "algorithm,options",
     # 1-bit Adam warms up for 4 updates in each phase (SFT, then RL with a fresh optimizer): the loop passes
     # the phase of each update, so RL's first update must be a warm-up one, or its zero second moment blows up.
-    [("onebit_adam", "{warmup_steps: 4}"), ("decentralized", "{}")],
+    [pytest.param("onebit_adam", "{warmup_steps: 4}", marks=pytest.mark.slow), ("decentralized", "{}")],
 )
 def test_trains_with_a_comms_algorithm_on_4_replicas(tmp_path, algorithm, options):
     config = load_config(
@@ -291,6 +291,7 @@ COMPILE_LOG = CompileLog()
 jax.monitoring.register_event_duration_secs_listener(COMPILE_LOG)
 
 
+@pytest.mark.slow  # the default run keeps the cross-run cache test; this one compiles every RL width
 def test_a_warm_step_compiles_nothing_and_a_new_batch_width_only_the_step(tmp_path, monkeypatch):
     """Eager jnp work in the loop (one small program per shape) or a retraced step would compile again every step."""
     config = load_config(None, TINY + ["sft.steps=2", "rl.steps=3", "eval.questions=0", f"run_dir={tmp_path}"])

@@ -268,7 +268,7 @@ def best_final_loss_under_sgd(name: str, options: tuple = (), mesh_shape: tuple 
     "name,options,mesh_shape",
     [
         ("onebit", (), (("data", 4),)),
-        ("hierarchical", (("compression", "onebit"),), (("data", 2), ("fast", 2))),
+        pytest.param("hierarchical", (("compression", "onebit"),), (("data", 2), ("fast", 2)), marks=pytest.mark.slow),
     ],
 )
 def test_onebit_gradients_under_sgd_final_loss_within_5_percent_of_pmean(name, options, mesh_shape):

@@ -90,7 +90,9 @@ def test_trajectory_score_is_geometric_mean_of_clamped_step_scores():
     )
 
 
-@pytest.mark.parametrize("scale", [0.0, 1e-4, 0.5])
+@pytest.mark.parametrize(
+    "scale", [pytest.param(0.0, marks=pytest.mark.slow), pytest.param(1e-4, marks=pytest.mark.slow), 0.5]
+)
 def test_spr_gradient_reaches_the_backbone_scaled(scale):
     config = Qwen2Config(
         vocab_size=32,
