@@ -100,11 +100,9 @@ def sample(
     rules = tuple(
         (name, tuple(target) if isinstance(target, list) else target) for name, target in nn.get_logical_axis_rules()
     )
-    # EOS and pad ids are data, not compile-time constants: another tokenizer does not recompile. No gradient flows
-    # through sampling, so the layers are not rematerialised (remat would also trace the prefill's cache index and
-    # cost it the platform's attention kernel: models/qwen2.py).
+    # EOS and pad ids are data, not compile-time constants: another tokenizer does not recompile.
     return _sample(
-        module.clone(remat=False),
+        module,
         params,
         prompt_tokens,
         prompt_mask,

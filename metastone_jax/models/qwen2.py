@@ -141,11 +141,7 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("act_batch", "cache_length", "act_kv_heads", None))
         v = nn.with_logical_constraint(v, ("act_batch", "cache_length", "act_kv_heads", None))
 
-        # Without a cache the keys are these very tokens: queries and keys start at the same slot. The Python 0 keeps
-        # the platform's kernel path (a static offset) where remat has turned cache_index into a traced value, which
-        # would otherwise pick the decoding path: full [seq, seq] scores for every head.
-        offset = cache_index if cache is not None else 0
-        out = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_mask, offset)
+        out = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_mask, cache_index)
         out = HeadProjection(
             (cfg.hidden_size,),
             ("heads", "head_dim", "embed"),
@@ -223,7 +219,10 @@ class Qwen2Model(nn.Module):
             param_dtype=self.param_dtype,
             embedding_init=_init(("vocab", "embed"), stddev=cfg.initializer_range),
         )
-        layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
+        # cache_index (argument 5, counting self) stays static through remat where it is a Python int (training,
+        # prefill): traced, it would send those passes down the decoding path, full [seq, kv_len] scores per head,
+        # instead of the platform's kernel. A traced index (decoding) stays traced.
+        layer = nn.remat(DecoderLayer, prevent_cse=False, static_argnums=(5,)) if self.remat else DecoderLayer
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0},
