@@ -28,7 +28,7 @@ import comms
 from metastone_jax.aot_programs import Program, build_programs
 from metastone_jax.config import RunConfig
 from metastone_jax.config_loading import ConfigError, load_config
-from metastone_jax.sharding import make_mesh
+from metastone_jax.sharding import make_mesh, slice_count
 
 # Chips per slice of each v5p size (v5p-N has N TensorCores, 2 per chip) and the slice's physical shape.
 V5P_SHAPES = {
@@ -131,7 +131,7 @@ def _cost(compiled, mesh) -> dict:
     """XLA's per-chip FLOPs and roofline seconds (negative where it cannot estimate them), and collective bytes."""
     analysis = compiled.cost_analysis()
     seconds = analysis.get("optimal_seconds", -1.0)
-    slices = {axis: mesh.shape[axis] // _slice_count(mesh) for axis in _axes_across_slices(mesh)}
+    slices = {axis: mesh.shape[axis] // slice_count(mesh.devices.flat) for axis in _axes_across_slices(mesh)}
     return {
         "flops": analysis.get("flops", 0.0),
         "optimal_seconds": seconds if seconds > 0 else None,
@@ -152,10 +152,6 @@ def _extrapolate(two: dict, three: dict, layers: int) -> dict:
         "optimal_seconds": line(two["optimal_seconds"], three["optimal_seconds"]),
         "collective_bytes": {a: line(bytes_two.get(a, 0), bytes_three.get(a, 0)) for a in axes},
     }
-
-
-def _slice_count(mesh) -> int:
-    return len({getattr(device, "slice_index", 0) for device in mesh.devices.flat})
 
 
 def _axes_across_slices(mesh) -> list[str]:

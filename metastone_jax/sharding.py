@@ -50,7 +50,7 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     devices = list(jax.devices() if devices is None else devices)
     shape = (config or MeshConfig()).shape(len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * 3
-    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    slices = slice_count(devices)
     if slices == 1:
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     if shape[0] % slices:
@@ -60,6 +60,11 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
         )
     grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def slice_count(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices the devices span (1 for devices without a slice index, as on CPU and GPU)."""
+    return len({getattr(device, "slice_index", 0) for device in devices})
 
 
 def logical_rules(manual_axes: Sequence[str] = ()) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
