@@ -8,8 +8,9 @@ roofline time and the MFU it implies, and the bytes each collective moves per me
 across slices). Times and MFU are the compiler's estimate, not a measurement.
 
 XLA's cost analysis counts the body of a loop once, so FLOPs, time and collective bytes come from the same programs
-with the layers unrolled at 2 and 3 layers, extrapolated linearly to the model's depth; the sampler's decode loop
-stays one step (its length depends on the samples). Memory comes from the programs exactly as the run compiles them.
+without loops: 2 and 3 layers unrolled, extrapolated linearly to the model's depth, and a train step's micro-batches
+and logits chunks unrolled at 2 and 3 micro-batches, extrapolated to their number; the sampler's decode loop stays one
+step (its length depends on the samples). Memory comes from the programs exactly as the run compiles them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -139,11 +141,11 @@ def _cost(compiled, mesh) -> dict:
     }
 
 
-def _extrapolate(two: dict, three: dict, layers: int) -> dict:
-    """Figures of L layers from those of 2 and 3 layers (every layer costs the same)."""
+def _extrapolate(two: dict, three: dict, n: int) -> dict:
+    """Figures at n layers (or micro-batches) from those at 2 and 3: every layer (micro-batch) costs the same."""
 
     def line(a, b):
-        return None if a is None or b is None else a + (layers - 2) * (b - a)
+        return None if a is None or b is None else a + (n - 2) * (b - a)
 
     axes = sorted(set(two["collective_bytes"]) | set(three["collective_bytes"]))
     bytes_two, bytes_three = two["collective_bytes"], three["collective_bytes"]
@@ -176,15 +178,14 @@ def check(config: RunConfig, devices: list, preset: str, topology: str, prompt_l
 def _costs(config: RunConfig, mesh, programs: list[Program], prompt_length: int) -> list[dict]:
     """Per chip and step: XLA's FLOPs and roofline seconds, and the bytes of collectives by mesh axes.
 
-    XLA counts a loop's body once, so with scanned layers these come from twins of the programs with 2 and 3 layers
-    unrolled, extrapolated to the model's depth. The twins run one replica group's share of the batch on its devices
-    (data=1): every group computes alike, and the replica axis's collectives (the optimizer's, outside any loop) are
-    read from the programs themselves. (Shardy, jax 0.10.2, aborts on the twins over several replicas: two splash
-    calls with segment ids in one program inside the step's shard_map.)
+    XLA counts a loop's body once, so these come from loop-free twins of the programs: 2 and 3 layers unrolled,
+    extrapolated to the model's depth, and a train step over M micro-batches from twins of 2 and 3 micro-batches
+    (their loops, and those over logits chunks, unrolled). The twins run one replica group's share of the batch on
+    its devices (data=1): every group computes alike, and the replica axis's collectives (the optimizer's, outside
+    any loop) are read from the programs themselves. (Shardy, jax 0.10.2, aborts on the twins over several replicas:
+    two splash calls with segment ids in one program inside the step's shard_map.) The sampler's loops (decoding,
+    rollout chunks) stay counted once, as its model FLOPs are.
     """
-    per_program = [_cost(program.compiled, mesh) for program in programs]
-    if not config.model.scan_layers:
-        return per_program
     data = mesh.shape["data"]
     replica_mesh = jax.sharding.Mesh(mesh.devices[:1], mesh.axis_names, axis_types=mesh.axis_types)
     replica = dataclasses.replace(
@@ -193,19 +194,59 @@ def _costs(config: RunConfig, mesh, programs: list[Program], prompt_length: int)
         rl=_per_replica(config.rl, data, "prompts_per_step", "micro_batch_size", "rollout_batch_size"),
     )
     layers = config.model.qwen2_config().num_hidden_layers
-    two, three = (build_programs(_unrolled(replica, n), replica_mesh, prompt_length, False) for n in (2, 3))
-    costs = []
-    for own, a, b in zip(per_program, two, three):
-        cost = _extrapolate(_cost(a.compiled, replica_mesh), _cost(b.compiled, replica_mesh), layers)
-        across_replicas = {k: n for k, n in own["collective_bytes"].items() if k == "slices" or "data" in k}
-        cost["collective_bytes"] = {**cost["collective_bytes"], **across_replicas}
-        costs.append(cost)
-    return costs
+    micro_batches = _micro_batches(replica)
+
+    def twins(twin_config: RunConfig, names: list[str]) -> dict[str, dict]:
+        """{program: its figures at the model's depth} for `twin_config`'s programs of those `names`."""
+        by_depth = [
+            {
+                p.name: _cost(p.compiled, replica_mesh)
+                for p in build_programs(twin, replica_mesh, prompt_length, True, names)
+            }
+            for twin in (_unrolled(twin_config, 2), _unrolled(twin_config, 3))
+        ]
+        return {name: _extrapolate(by_depth[0][name], by_depth[1][name], layers) for name in names}
+
+    whole = [p.name for p in programs if micro_batches.get(p.name, 1) == 1]
+    split = [p.name for p in programs if micro_batches.get(p.name, 1) > 1]
+    costs = twins(replica, whole) if whole else {}
+    if split:
+        two, three = (twins(_with_micro_batches(replica, m), split) for m in (2, 3))
+        costs |= {name: _extrapolate(two[name], three[name], micro_batches[name]) for name in split}
+    result = []
+    for program in programs:
+        cost = costs[program.name]
+        own = _cost(program.compiled, mesh)["collective_bytes"]
+        across_replicas = {k: n for k, n in own.items() if k == "slices" or "data" in k}
+        result.append({**cost, "collective_bytes": {**cost["collective_bytes"], **across_replicas}})
+    return result
 
 
 def _per_replica(section, data: int, *counts: str):
     """`section` with its batch counts divided over `data` replicas (a micro-batch is a multiple of them)."""
     return dataclasses.replace(section, **{name: getattr(section, name) // data for name in counts})
+
+
+def _micro_batches(config: RunConfig) -> dict[str, int]:
+    """The number of micro-batches of each train step."""
+    rl_rows = config.rl.prompts_per_step * config.rl.group_size
+    return {
+        "sft_step": config.sft.batch_size // (config.sft.micro_batch_size or config.sft.batch_size),
+        "rl_step": rl_rows // (config.rl.micro_batch_size or rl_rows),
+    }
+
+
+def _with_micro_batches(config: RunConfig, count: int) -> RunConfig:
+    """`config` with its train steps' batches cut to `count` of their micro-batches. An RL group may straddle
+    micro-batches, so the twin's groups are cut to fit them (the advantages' cost is negligible)."""
+    sft, rl = config.sft, config.rl
+    if sft.micro_batch_size:
+        sft = dataclasses.replace(sft, batch_size=count * sft.micro_batch_size)
+    if rl.micro_batch_size:
+        group = math.gcd(rl.micro_batch_size, rl.group_size)
+        prompts = count * rl.micro_batch_size // group
+        rl = dataclasses.replace(rl, group_size=group, prompts_per_step=prompts, rollout_batch_size=0)
+    return dataclasses.replace(config, sft=sft, rl=rl)
 
 
 def _unrolled(config: RunConfig, layers: int) -> RunConfig:

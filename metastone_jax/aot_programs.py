@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
 import jax
@@ -22,6 +22,8 @@ from metastone_jax.rollout import bucket, make_replica_sampler
 from metastone_jax.sharding import DATA_AXIS
 from metastone_jax.step import make_rl_step, make_sft_step
 from metastone_jax.train_state import abstract_train_state, make_optimizer
+
+PROGRAMS = ("sft_step", "rl_step", "sampler")
 
 
 @dataclasses.dataclass
@@ -61,11 +63,14 @@ def causal_pairs(length: int) -> int:
     return length * (length + 1) // 2
 
 
-def build_programs(config: RunConfig, mesh, prompt_length: int, check_memory: bool = True) -> list[Program]:
-    """The programs the run executes (SFT when sft.steps > 0; RL step and sampler when rl.steps > 0), built as the
-    trainer builds them and compiled for `mesh` at the phase of each optimizer's last update; rows are
-    `prompt_length` + sampling.max_new_tokens tokens. Without `check_memory` the compiler does not stop at a program
-    that needs more memory than a chip has."""
+def build_programs(
+    config: RunConfig, mesh, prompt_length: int, for_cost: bool = False, names: Collection[str] = PROGRAMS
+) -> list[Program]:
+    """The programs the run executes (SFT when sft.steps > 0; RL step and sampler when rl.steps > 0) of those
+    `names`, built as the trainer builds them and compiled for `mesh` at the phase of each optimizer's last update;
+    rows are `prompt_length` + sampling.max_new_tokens tokens. `for_cost` compiles the train steps' loops over
+    micro-batches and logits chunks unrolled (XLA's cost analysis counts a loop's body once), and does not stop at a
+    program that needs more memory than a chip has."""
     architecture = config.model.qwen2_config()
     model, sft, rl = config.model, config.sft, config.rl
     dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
@@ -77,15 +82,21 @@ def build_programs(config: RunConfig, mesh, prompt_length: int, check_memory: bo
     rows = _sharded(mesh, P(DATA_AXIS))
     programs = []
 
-    if sft.steps > 0:
+    if sft.steps > 0 and "sft_step" in names:
         tx = make_optimizer(algorithm, constant(sft.learning_rate), head_learning_rate=constant(0.0))
         state = abstract_train_state(module, algorithm, tx, mesh)
         phase = algorithm.phase(sft.steps - 1)
         step = make_sft_step(
-            module, algorithm, tx, mesh, micro_batch_size=sft.micro_batch_size, logits_chunk=model.logits_chunk
+            module,
+            algorithm,
+            tx,
+            mesh,
+            micro_batch_size=sft.micro_batch_size,
+            logits_chunk=model.logits_chunk,
+            unroll_loops=for_cost,
         )
         batch = _batch(rows, sft.batch_size, seq, {"tokens": jnp.int32, "attention_mask": bool, "loss_mask": bool})
-        compiled = _compile(lambda s, b: step(s, b, phase=phase), (state, batch), True, check_memory)
+        compiled = _compile(lambda s, b: step(s, b, phase=phase), (state, batch), True, not for_cost)
         # A forward and a backward pass (twice the forward's FLOPs).
         attention = 3 * attention_flops(architecture, sft.batch_size * causal_pairs(seq))
         flops = 3 * dense_flops(architecture, sft.batch_size * seq) + attention
@@ -95,9 +106,12 @@ def build_programs(config: RunConfig, mesh, prompt_length: int, check_memory: bo
     if rl.steps > 0:
         tx = make_optimizer(algorithm, constant(rl.learning_rate), head_learning_rate=constant(rl.head_learning_rate))
         state = abstract_train_state(module, algorithm, tx, mesh)
+
+    if rl.steps > 0 and "rl_step" in names:
         phase = algorithm.phase(rl.steps - 1)
         temperature = config.sampling.temperature
-        step = make_rl_step(module, algorithm, tx, mesh, rl, temperature, config.seed, logits_chunk=model.logits_chunk)
+        loops = {"logits_chunk": model.logits_chunk, "unroll_loops": for_cost}
+        step = make_rl_step(module, algorithm, tx, mesh, rl, temperature, config.seed, **loops)
         size = rl.prompts_per_step * rl.group_size
         tokens = {"tokens": jnp.int32, "attention_mask": bool, "response_mask": bool, "step_mask": bool}
         batch = {
@@ -110,7 +124,7 @@ def build_programs(config: RunConfig, mesh, prompt_length: int, check_memory: bo
             param_shardings(module, mesh),
         )
         args = (state, batch, reference)
-        compiled = _compile(lambda s, b, r: step(s, b, r, phase=phase), args, True, check_memory)
+        compiled = _compile(lambda s, b, r: step(s, b, r, phase=phase), args, True, not for_cost)
         # The policy's forward and backward pass, and the reference policy's forward pass; with micro-batches also
         # the policy's forward without gradient that finds the SPR class counts (step.make_rl_step).
         forwards = 4 + (0 < rl.micro_batch_size < size)
@@ -119,13 +133,14 @@ def build_programs(config: RunConfig, mesh, prompt_length: int, check_memory: bo
         parts = {**_state_bytes(state), "reference": _bytes_per_chip(reference), "batch": _bytes_per_chip(batch)}
         programs.append(Program("rl_step", phase, *compiled, parts, flops, attention))
 
+    if rl.steps > 0 and "sampler" in names:
         eos = architecture.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, list) else (eos or 0,)
         sampler = make_replica_sampler(module, mesh, config.sampling, eos_ids, 0, rl.group_size, rl.rollout_batch_size)
         prompts = _batch(rows, rl.prompts_per_step, prompt_length, {"tokens": jnp.int32, "mask": bool})
         key = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=_sharded(mesh, P()))
         args = (state.params, prompts["tokens"], prompts["mask"], key)
-        compiled = _compile(sampler, args, False, check_memory)
+        compiled = _compile(sampler, args, False, not for_cost)
         # The prefill over the prompts (splash attention) and one decode step of every row, over the whole cache
         # (XLA counts the decode loop's body once, and the loop over rollout chunks once).
         chunk = rl.rollout_batch_size or rl.prompts_per_step

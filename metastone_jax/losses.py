@@ -71,14 +71,14 @@ def next_token_scores(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, 
 
 
 def chunked_next_token_scores(
-    hidden: jax.Array, project: Callable[[jax.Array], jax.Array], tokens: jax.Array, chunk: int
+    hidden: jax.Array, project: Callable[[jax.Array], jax.Array], tokens: jax.Array, chunk: int, unroll: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """`next_token_scores(project(hidden), tokens)` without the [B, T, V] logits: `chunk` positions at a time.
 
     hidden [B, T, C] are the final hidden states and `project` the LM head (ReflectiveModel.project, divided by
     the temperature). Each chunk's logits [B, chunk, V] are recomputed in the backward pass (jax.checkpoint) instead
     of kept, as MaxText's and tunix's chunked cross entropy do, so the loss holds O(B x chunk x V) at a time.
-    chunk=0 projects the whole sequence at once.
+    chunk=0 projects the whole sequence at once. `unroll` unrolls the loop over chunks (same values).
     """
     predicting, targets = align_next_token(hidden, tokens)
     batch, length = targets.shape
@@ -91,7 +91,9 @@ def chunked_next_token_scores(
         return jnp.swapaxes(x.reshape(batch, chunks, chunk, *x.shape[2:]), 0, 1)
 
     scores = jax.checkpoint(lambda h, t: _target_scores(project(h), t), prevent_cse=False)
-    per_chunk = jax.lax.map(lambda pair: scores(*pair), (in_chunks(predicting), in_chunks(targets)))
+    per_chunk = jax.lax.scan(
+        lambda _, pair: (None, scores(*pair)), None, (in_chunks(predicting), in_chunks(targets)), unroll=unroll
+    )[1]
     return tuple(_to_token_frame(jnp.swapaxes(x, 0, 1).reshape(batch, -1)[:, :length]) for x in per_chunk)
 
 

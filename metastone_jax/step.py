@@ -60,10 +60,10 @@ def _split_micro_batches(batch: dict, count: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(count, -1, *x.shape[1:]), batch)
 
 
-def _accumulate_gradients(loss_fn, params: PyTree, micro_batches: dict) -> tuple[PyTree, dict]:
+def _accumulate_gradients(loss_fn, params: PyTree, micro_batches: dict, unroll: bool) -> tuple[PyTree, dict]:
     """(Σ_m ∇loss_fn(params, micro-batch m), Σ_m metrics) over the leading axis of `micro_batches`, by a scan that
     keeps one micro-batch's activations at a time. `loss_fn(params, micro_batch) -> (loss, metrics)` divides by its
-    replica's whole-slice totals, so that the sums are the slice's gradient and metrics."""
+    replica's whole-slice totals, so that the sums are the slice's gradient and metrics. `unroll` unrolls the scan."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
@@ -77,7 +77,7 @@ def _accumulate_gradients(loss_fn, params: PyTree, micro_batches: dict) -> tuple
         lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), DATA_AXIS, to="varying"),
         jax.eval_shape(grad_fn, params, first),
     )
-    return jax.lax.scan(add, zeros, micro_batches)[0]
+    return jax.lax.scan(add, zeros, micro_batches, unroll=unroll)[0]
 
 
 def _make_step(
@@ -152,13 +152,15 @@ def make_sft_step(
     *,
     micro_batch_size: int = 0,
     logits_chunk: int = 0,
+    unroll_loops: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Next-token cross entropy on reference solutions. Batch: tokens, attention_mask, loss_mask (all [B, T]).
 
     `micro_batch_size` rows at a time accumulate the gradient (0: the whole batch at once); the loss divides by the
     replica's whole count of loss tokens, so the update equals the one-batch update. `logits_chunk` positions at a
     time have logits (0: all; `losses.chunked_next_token_scores`). The head is not trained: its gradients are zero
-    (its AdamW weight decay still shrinks it by lr·wd per step).
+    (its AdamW weight decay still shrinks it by lr·wd per step). `unroll_loops` unrolls the loops over micro-batches
+    and logits chunks, with the same values: for `aot`'s cost analysis, in which XLA counts a loop's body once.
     """
 
     def replica_gradients(params, batch, step, micro_batches):
@@ -167,12 +169,12 @@ def make_sft_step(
         def micro_loss(params, micro_batch):
             hidden = _forward(module, params, micro_batch, with_logits=False).hidden
             logprobs, _ = chunked_next_token_scores(
-                hidden, _projection(module, params), micro_batch["tokens"], logits_chunk
+                hidden, _projection(module, params), micro_batch["tokens"], logits_chunk, unroll_loops
             )
             loss = sft_loss(logprobs, micro_batch["loss_mask"], loss_tokens)
             return loss, {"loss": loss}
 
-        return _accumulate_gradients(micro_loss, params, _split_micro_batches(batch, micro_batches))
+        return _accumulate_gradients(micro_loss, params, _split_micro_batches(batch, micro_batches), unroll_loops)
 
     return _make_step(
         module, algorithm, tx, mesh, replica_gradients, lambda batch: batch, SFT_BATCH_KEYS, micro_batch_size
@@ -189,6 +191,7 @@ def make_rl_step(
     dropout_seed: int = 0,
     *,
     logits_chunk: int = 0,
+    unroll_loops: bool = False,
 ) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
     """GRPO for the policy + SPR for the head in one backward pass: `step(state, batch, ref_params)`.
 
@@ -196,7 +199,7 @@ def make_rl_step(
     response_mask (token frame: the generated tokens), rewards, outcome (1 right / 0 wrong), step_mask (position
     frame, from `models.sprm.step_score_mask`), and optionally old_logprobs [B, T] (without them the update is
     on-policy: old = current, detached). `ref_params` are the frozen reference policy's (no replica dimension);
-    its log-probabilities are computed here. `logits_chunk` as in `make_sft_step`.
+    its log-probabilities are computed here. `logits_chunk` and `unroll_loops` as in `make_sft_step`.
 
     Micro-batches (`config.micro_batch_size` rows of the batch each) accumulate the gradient of one update, equal to
     the one-batch gradient: the advantages are computed on the global batch before the shard_map; every average
@@ -231,7 +234,8 @@ def make_rl_step(
         )
 
     def scores(params, hidden, tokens):
-        return chunked_next_token_scores(hidden, _projection(module, params, temperature), tokens, logits_chunk)
+        project = _projection(module, params, temperature)
+        return chunked_next_token_scores(hidden, project, tokens, logits_chunk, unroll_loops)
 
     def replica_gradients(params, batch, step, ref_params, micro_batches):
         replica_key = jax.random.fold_in(
@@ -247,7 +251,9 @@ def make_rl_step(
                 return ref_logprobs, None
             return ref_logprobs, policy_forward(params, micro_batch).step_logits
 
-        ref_logprobs, step_logits = jax.lax.map(without_gradient, micro)
+        ref_logprobs, step_logits = jax.lax.scan(
+            lambda _, micro_batch: (None, without_gradient(micro_batch)), None, micro, unroll=unroll_loops
+        )[1]
         micro["ref_logprobs"] = jax.lax.stop_gradient(ref_logprobs)
         totals = None
         if micro_batches > 1:
@@ -288,7 +294,7 @@ def make_rl_step(
                 totals=totals,
             )
 
-        return _accumulate_gradients(micro_loss, params, micro)
+        return _accumulate_gradients(micro_loss, params, micro, unroll_loops)
 
     return _make_step(
         module,

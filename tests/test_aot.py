@@ -1,6 +1,7 @@
 """`python -m metastone_jax.aot`: its errors are one sentence, and (with libtpu) the tiny preset's programs compile
 for abstract TPU v5p devices with figures that agree with ones computed here from the parameters."""
 
+import dataclasses
 import importlib.util
 import json
 
@@ -12,8 +13,10 @@ import pytest
 
 import comms
 from metastone_jax import aot
+from metastone_jax.aot_programs import build_programs
 from metastone_jax.config_loading import load_config
 from metastone_jax.models.reflective import ReflectiveModel
+from metastone_jax.sharding import make_mesh
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 requires_libtpu = pytest.mark.skipif(
@@ -151,12 +154,29 @@ def test_json_output_has_one_object_per_program_with_the_documented_keys(capsys,
     assert "rl_step" in table and "sampler" in table and "not a measurement" in table
 
 
+@requires_libtpu
+def test_a_micro_batched_steps_cost_is_that_of_the_same_step_without_loops():
+    """XLA counts a loop's body once. The RL step over 4 micro-batches of 8 rows, each scoring its 80 positions in
+    5 logits chunks, with 4 scanned layers: the costs extrapolated from twins of 2 and 3 layers and micro-batches
+    equal XLA's own count of the same step compiled with every loop unrolled."""
+    config = load_config("tiny", ["sft.steps=0", "rl.micro_batch_size=8", "model.logits_chunk=16"])
+    mesh = make_mesh(config.mesh, devices=aot.tpu_devices("v5p:2x2x1", 1))
+    without_loops = dataclasses.replace(config, model=dataclasses.replace(config.model, scan_layers=False))
+    with jax.default_matmul_precision("default"):
+        programs = build_programs(config, mesh, prompt_length=32, names=["rl_step"])
+        (estimate,) = aot._costs(config, mesh, programs, prompt_length=32)
+        (unrolled,) = build_programs(without_loops, mesh, prompt_length=32, for_cost=True, names=["rl_step"])
+    counted, looped = aot._cost(unrolled.compiled, mesh), aot._cost(programs[0].compiled, mesh)
+    assert estimate["flops"] == pytest.approx(counted["flops"], rel=1e-3)
+    # The roofline adds up per-operation bounds; fusion differs a little between the twins and the whole program.
+    assert estimate["optimal_seconds"] == pytest.approx(counted["optimal_seconds"], rel=0.1)
+    assert estimate["collective_bytes"] == pytest.approx(counted["collective_bytes"], rel=1e-3)
+    assert looped["flops"] < counted["flops"] / 4  # what the step's own cost analysis says
+
+
 def dcn_bytes(algorithm: list[str]) -> int:
     """Bytes per chip that the RL step sends across the 2 slices of 2 x v5p:2x2x1 (data=2 over the slices)."""
     config = load_config("tiny", ["sft.steps=0", "mesh.data=2", *algorithm])
-    from metastone_jax.aot_programs import build_programs
-    from metastone_jax.sharding import make_mesh
-
     mesh = make_mesh(config.mesh, devices=aot.tpu_devices("v5p:2x2x1", 2))
     with jax.default_matmul_precision("default"):
         step = build_programs(config, mesh, prompt_length=32)[0]

@@ -332,9 +332,10 @@ def test_on_policy_rl_loss_has_ratio_one_and_gradient_minus_advantage_times_grad
     np.testing.assert_allclose(grad, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4])
-def test_chunked_logprobs_entropy_and_kl_equal_the_plain_ones_with_their_gradients(chunk):
-    # T - 1 = 6 predictions: 6 chunks of one, 2 of three, and 2 of four with a zero-padded last one.
+@pytest.mark.parametrize("chunk,unroll", [(1, False), (3, False), (4, False), (3, True)])
+def test_chunked_logprobs_entropy_and_kl_equal_the_plain_ones_with_their_gradients(chunk, unroll):
+    # T - 1 = 6 predictions: 6 chunks of one, 2 of three, and 2 of four with a zero-padded last one; the loop over
+    # chunks rolled or unrolled.
     rng, _, tokens, mask = _random_inputs(10)
     hidden = jnp.asarray(rng.normal(size=(B, T, 5)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(5, V)), jnp.float32)
@@ -344,7 +345,7 @@ def test_chunked_logprobs_entropy_and_kl_equal_the_plain_ones_with_their_gradien
     def objective(hidden, kernel, chunk):
         project = lambda h: (h @ kernel) / 0.7  # noqa: E731
         if chunk:
-            logprobs, entropies = losses.chunked_next_token_scores(hidden, project, jnp.asarray(tokens), chunk)
+            logprobs, entropies = losses.chunked_next_token_scores(hidden, project, jnp.asarray(tokens), chunk, unroll)
         else:  # the reference: the plain scores of the whole [B, T, V] logits
             logprobs, entropies = losses.next_token_scores(project(hidden), jnp.asarray(tokens))
         terms = (logprobs, entropies, losses.kl_k3(logprobs, ref_logprobs, mask))
