@@ -21,7 +21,7 @@ import pydantic
 from flax import traverse_util
 
 from metastone_jax.config import MeshConfig, Qwen2Config
-from metastone_jax.models.reflective import HEAD, Model, ReflectiveModel, param_shardings
+from metastone_jax.models.reflective import HEAD, Model, ReflectiveModel, abstract_params, param_shardings
 from metastone_jax.safetensors_io import SafetensorsFiles, save_file
 from metastone_jax.sharding import make_mesh, to_host
 from metastone_jax.torch_io import load_state_dict, save_state_dict
@@ -231,8 +231,7 @@ def load_hf(
     if mesh is None:
         mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     shardings = traverse_util.flatten_dict(param_shardings(module, mesh), sep="/")
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    shapes = {k: v.value.shape for k, v in traverse_util.flatten_dict(abstract["params"], sep="/").items()}
+    shapes = {k: v.value.shape for k, v in traverse_util.flatten_dict(abstract_params(module), sep="/").items()}
 
     # Check every tensor before reading any.
     plan = []
