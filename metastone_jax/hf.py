@@ -21,9 +21,10 @@ import pydantic
 from flax import traverse_util
 
 from metastone_jax.config import MeshConfig, Qwen2Config
-from metastone_jax.models.reflective import HEAD, Model, ReflectiveModel, param_shardings
+from metastone_jax.models.reflective import HEAD, Model, ReflectiveModel, abstract_params, param_shardings
 from metastone_jax.safetensors_io import SafetensorsFiles, save_file
 from metastone_jax.sharding import make_mesh, to_host
+from metastone_jax.torch_io import load_state_dict, save_state_dict
 
 HEAD_FILES = ("score_module.pt", "score_module.safetensors")
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
@@ -166,21 +167,15 @@ def _write_layer(value: np.ndarray, layout: str) -> np.ndarray:
 
 
 class _HeadTensors:
-    """The SPRM head's four tensors, read whole (they are tiny) from score_module.pt or .safetensors."""
+    """The SPRM head's four tensors, read whole (they are tiny) from score_module.pt (without torch) or
+    .safetensors."""
 
     def __init__(self, path: Path):
         if path.suffix == ".safetensors":
             files = SafetensorsFiles([path])
             self.tensors = {name: files.read(name) for name in files.names()}
             return
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(f"reading {path} needs torch: pip install 'metastone_jax[torch]'") from None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state_dict (keys 0.weight, 0.bias, 3.weight, 3.bias)")
-        self.tensors = {name: t.detach().to(torch.float32).numpy() for name, t in state.items()}
+        self.tensors = {name: t.astype(np.float32) for name, t in load_state_dict(path).items()}
 
     def __contains__(self, name):
         return name in self.tensors
@@ -236,8 +231,7 @@ def load_hf(
     if mesh is None:
         mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     shardings = traverse_util.flatten_dict(param_shardings(module, mesh), sep="/")
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    shapes = {k: v.value.shape for k, v in traverse_util.flatten_dict(abstract["params"], sep="/").items()}
+    shapes = {k: v.value.shape for k, v in traverse_util.flatten_dict(abstract_params(module), sep="/").items()}
 
     # Check every tensor before reading any.
     plan = []
@@ -295,7 +289,7 @@ def save_hf(model: Model, path: str | Path, *, max_shard_bytes: int = 4 << 30) -
 
     One tensor (one layer's slice) at a time reaches the host. Shards of at most `max_shard_bytes` with
     `model.safetensors.index.json` when the model needs more than one. The head goes to `score_module.pt` (the
-    released format) when torch is installed, else to `score_module.safetensors`.
+    released format, written without torch).
     """
     path = Path(path)
     is_writer = jax.process_index() == 0
@@ -344,14 +338,4 @@ def save_hf(model: Model, path: str | Path, *, max_shard_bytes: int = 4 << 30) -
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     head = tensors([entry for entry in plan if entry[1].startswith(f"{HEAD}/")])
     if is_writer and head:
-        _save_head(head, path)
-
-
-def _save_head(head: dict[str, np.ndarray], path: Path) -> None:
-    try:
-        import torch
-    except ImportError:
-        save_file(head, path / "score_module.safetensors")
-        return
-    state = {name: torch.from_numpy(np.asarray(t, np.float32).copy()) for name, t in head.items()}
-    torch.save(state, path / "score_module.pt")
+        save_state_dict({name: t.astype(np.float32) for name, t in head.items()}, path / "score_module.pt")

@@ -30,7 +30,7 @@ from metastone_jax import tts
 from metastone_jax.checkpoint import Checkpointer, CheckpointError
 from metastone_jax.config import RunConfig
 from metastone_jax.config_loading import ConfigError, load_config, resolve_run_dir, save_config
-from metastone_jax.data import arithmetic_dataset, file_dataset
+from metastone_jax.data import arithmetic_dataset, file_dataset, start_workers
 from metastone_jax.distributed import initialize_from_env
 from metastone_jax.evaluate import build_tokenizer, eval_records, evaluate_records, print_table, write_outputs
 from metastone_jax.hf import load_hf, save_hf
@@ -193,6 +193,7 @@ class Trainer:
 
     def rl_phase(self, state: TrainState, ref_params: PyTree, steps: range) -> TrainState:
         config = self.config
+        start_workers()  # the answer checker starts while the first step compiles
         rl_step = make_rl_step(
             self.module,
             self.algorithm,

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import comms
-from metastone_jax.models.reflective import HEAD, ReflectiveModel, init_params, param_shardings
+from metastone_jax.models.reflective import HEAD, ReflectiveModel, abstract_params, init_params, param_shardings
 from metastone_jax.sharding import DATA_AXIS, LOGICAL_RULES, fit_spec
 
 PyTree = Any
@@ -100,8 +100,7 @@ def train_state_shardings(
     that parameter's axis names and is sharded like it; any other leaf (counts, flat error buffers) is replicated
     inside its replica group. Computed once per (module, algorithm, optimizer, mesh).
     """
-    boxed_params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    abstract_state = jax.eval_shape(init_fn(algorithm, tx, mesh), boxed_params)
+    abstract_state = jax.eval_shape(init_fn(algorithm, tx, mesh), abstract_params(module))
 
     def leaf_sharding(leaf):
         if not isinstance(leaf, nn.LogicallyPartitioned):
@@ -124,8 +123,7 @@ def abstract_train_state(
     module: ReflectiveModel, algorithm: comms.CommAlgorithm, tx: optax.GradientTransformation, mesh
 ) -> TrainState:
     """The TrainState's shapes, dtypes and shardings (`jax.ShapeDtypeStruct` leaves), without building it."""
-    abstract_params = jax.eval_shape(lambda key: init_params(module, key), jax.random.key(0))
-    shapes = jax.eval_shape(init_fn(algorithm, tx, mesh), abstract_params)
+    shapes = jax.eval_shape(init_fn(algorithm, tx, mesh), nn.unbox(abstract_params(module)))
     return jax.tree.map(
         lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
         shapes,

@@ -19,6 +19,7 @@ from metastone_jax.data.verify import (
     is_equivalent,
     reward,
     rewards,
+    start_workers,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "pad_batch",
     "reward",
     "rewards",
+    "start_workers",
 ]

@@ -147,11 +147,21 @@ def _bounded(answer: str) -> bool:
     return deepest <= MAX_NESTING
 
 
-def _run(requests: list[tuple]) -> list:
-    if not requests:
-        return []
+def start_workers() -> None:
+    """Starts math-verify's worker processes in the background, so that the first answers our own rules leave to
+    math-verify (e.g. a response without a final number) do not wait for their start."""
+    _workers().start()
+
+
+def _workers() -> WorkerPool:
     global _pool
     with _pool_lock:
         if _pool is None:
             _pool = WorkerPool(size=WORKERS)
-    return _pool.run(requests, DEADLINE_S)
+    return _pool
+
+
+def _run(requests: list[tuple]) -> list:
+    if not requests:
+        return []
+    return _workers().run(requests, DEADLINE_S)

@@ -51,6 +51,12 @@ class WorkerPool:
         self._workers = [_Worker(startup_s) for _ in range(size)]
         atexit.register(self.close)
 
+    def start(self) -> None:
+        """Starts the worker processes now without waiting for them, so that their start (imports and warm-up, a
+        second or two) overlaps the caller's work instead of delaying the first answers."""
+        for worker in self._workers:
+            worker.spawn()
+
     def run(self, requests: Sequence[tuple], deadline_s: float) -> list:
         """The answers of `requests`, in order; each one within `deadline_s` or its fallback."""
         results = [None] * len(requests)
@@ -84,12 +90,17 @@ class _Worker:
     def __init__(self, startup_s: float):
         self.startup_s = startup_s
         self._process: subprocess.Popen | None = None
+        self._ready = False
         self._buffer = b""
         self._lock = threading.Lock()
 
+    def spawn(self) -> None:
+        with self._lock:
+            self._spawn()
+
     def call(self, request: tuple, deadline_s: float):
         with self._lock:
-            if self._process is None:
+            if not self._ready:
                 self._start()
             try:
                 self._process.stdin.write(json.dumps(request).encode() + b"\n")
@@ -102,11 +113,16 @@ class _Worker:
                 return FALLBACK[request[0]]
             return json.loads(line)
 
+    def _spawn(self) -> None:
+        if self._process is None:
+            self._process = subprocess.Popen(
+                [sys.executable, "-P", os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            self._buffer = b""
+
     def _start(self) -> None:
-        self._process = subprocess.Popen(
-            [sys.executable, "-P", os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        self._buffer = b""
+        """Spawns the worker unless it was spawned already, and waits until it is ready."""
+        self._spawn()
         try:
             line = self._read_line(time.monotonic() + self.startup_s)
         except EOFError:
@@ -117,6 +133,7 @@ class _Worker:
                 "the math-verify answer checker did not start (its error is printed above); "
                 "install it with `pip install math-verify`"
             )
+        self._ready = True
 
     def _read_line(self, deadline: float) -> bytes | None:
         """The next line from the worker, or None at the deadline; EOFError when the worker has exited."""
@@ -140,6 +157,7 @@ class _Worker:
         for pipe in (self._process.stdin, self._process.stdout):
             pipe.close()
         self._process = None
+        self._ready = False
 
 
 # ---------------------------------------------------------------------------------------------------------------------

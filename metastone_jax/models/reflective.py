@@ -95,7 +95,10 @@ class ReflectiveModel(nn.Module):
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
 
-def _abstract_params(module: ReflectiveModel) -> Any:
+@functools.cache
+def abstract_params(module: ReflectiveModel) -> Any:
+    """The parameters' shapes and dtypes in their logical-axis boxes (`nn.LogicallyPartitioned`), traced once per
+    module: the shardings, the train state's layout and the HF loader all read them."""
     return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
@@ -105,7 +108,7 @@ def param_shardings(module: ReflectiveModel, mesh: jax.sharding.Mesh, rules=LOGI
 
     A dimension that the mapped mesh axes do not divide (a vocabulary of 97 over 2 devices) stays replicated.
     """
-    abstract = _abstract_params(module)
+    abstract = abstract_params(module)
     specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules)
     return jax.tree.map(
         lambda box, spec: jax.sharding.NamedSharding(mesh, fit_spec(spec, box.value.shape, mesh)),

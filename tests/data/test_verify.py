@@ -240,6 +240,21 @@ def test_two_workers_answer_a_batch_in_order():
         pool.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_pool_started_ahead_answers_like_one_started_on_demand():
+    """start() spawns the workers without waiting for them; the first run waits until they are ready and uses them."""
+    pool = WorkerPool(size=2)
+    try:
+        pool.start()
+        processes = [worker._process for worker in pool._workers]
+        assert all(process is not None and process.poll() is None for process in processes)
+        requests = [("equal", "\\frac{3}{2}", "1.5"), ("extract", "so 5"), ("equal", "1", "2")]
+        assert pool.run(requests, deadline_s=30.0) == [True, "5", False]
+        assert [worker._process for worker in pool._workers] == processes  # the spawned ones answered
+    finally:
+        pool.close()
+
+
 def test_a_worker_that_cannot_start_is_reported_by_name(monkeypatch):
     monkeypatch.setattr(sys, "executable", "/bin/false")
     with pytest.raises(RuntimeError, match="math-verify answer checker did not start"):

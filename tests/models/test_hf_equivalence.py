@@ -54,7 +54,8 @@ def test_sharded_forward_on_8_devices_equals_unsharded(tmp_path):
 def test_save_hf_loads_back_into_transformers_with_same_logits(tmp_path, tied):
     reference = random_qwen2(7, heads=4, kv_heads=2, tied=tied, rope_theta=2500.0)
     reference.save_pretrained(tmp_path / "in")
-    torch.save(torch_score_module(32, seed=3).state_dict(), tmp_path / "in" / "score_module.pt")
+    head = torch_score_module(32, seed=3).state_dict()
+    torch.save(head, tmp_path / "in" / "score_module.pt")
     model = ms.load_hf(tmp_path / "in")
     ms.save_hf(model, tmp_path / "out", max_shard_bytes=30_000)
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
@@ -65,7 +66,10 @@ def test_save_hf_loads_back_into_transformers_with_same_logits(tmp_path, tied):
     reference_logits, _ = hf_reference(reference, tokens)
     np.testing.assert_allclose(logits, reference_logits, atol=1e-5)
     np.testing.assert_allclose(np.asarray(model(tokens).logits), logits, atol=1e-4)
-    # The head round-trips through score_module.pt too.
+    # The head round-trips through score_module.pt too, in the format torch reads.
+    exported_head = torch.load(tmp_path / "out" / "score_module.pt", weights_only=True)
+    assert list(exported_head) == list(head)
+    assert all(torch.equal(exported_head[name], tensor) for name, tensor in head.items())
     again = ms.load_hf(tmp_path / "out")
     np.testing.assert_array_equal(np.asarray(again(tokens).step_logits), np.asarray(model(tokens).step_logits))
 
