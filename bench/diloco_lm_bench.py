@@ -1,12 +1,13 @@
 """DiLoCo against pmean on a tiny LM at equal tokens: the held-out loss of the model each one ends with.
 
-    JAX_PLATFORMS=cpu python bench/diloco_lm_bench.py [--steps 256] [--replicas 4] [--plot FILE.png] [--json]
-        [--runs 'pmean' 'diloco[inner_steps=8][compression=none]' ...] [key=value ...]
+    JAX_PLATFORMS=cpu python bench/diloco_lm_bench.py [key=value ...] [--steps 1024] [--seeds 3] [--plot FILE.png]
+        [--json] [--runs 'pmean' 'diloco[inner_steps=8][compression=int4]' ...]
 
 Every run is the main job's SFT phase (`metastone_jax.train.Trainer`, `rl.steps=0`) on the embedded arithmetic
-task, on `--replicas` fake CPU devices (`mesh.data`), from the same initial parameters over the same batches; the
-key=value arguments override the config of every run (default: the tiny shape of tests/test_train.py). A run is
-`pmean` or `diloco` with its options in brackets, as comms_bench's labels.
+task, on `--replicas` fake CPU devices (`mesh.data`); every run is repeated under seeds 0..--seeds-1 (initial
+parameters and training stream), so that runs of one seed start from the same parameters and see the same batches.
+The key=value arguments (before --runs) override the config of every run; the default is the tiny shape of
+tests/test_train.py. A run is `pmean` or `diloco` with its options in brackets, as comms_bench's labels.
 
 The loss compared is that of the synchronised model, the one a run ends with: pmean's parameters, DiLoCo's anchor
 right after a sync (every --eval-every updates, a multiple of H), as next-token cross entropy on the reference
@@ -41,7 +42,16 @@ TINY = [
     "eval.questions=0",
     "checkpoint.every=0",
 ]
-DEFAULT_RUNS = ["pmean", "diloco[inner_steps=8][compression=none]", "diloco[inner_steps=8][compression=int4]"]
+# The paper's outer optimizer (lr 0.7, Nesterov 0.9) from the start and after a synchronous warm-up, and plain
+# averaging of the pseudo-gradients (outer lr 1, no momentum) after the warm-up, uncompressed and in 4 bits.
+AVERAGING = "[outer_momentum=0.0][outer_learning_rate=1.0][warmup_steps=64]"
+DEFAULT_RUNS = [
+    "pmean",
+    "diloco[inner_steps=8]",
+    "diloco[inner_steps=8][warmup_steps=64]",
+    f"diloco[inner_steps=8]{AVERAGING}",
+    f"diloco[inner_steps=8]{AVERAGING}[compression=int4]",
+]
 
 
 def parse_run(run: str) -> tuple[str, dict]:
@@ -130,7 +140,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     axes.set_yscale("log")
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -169,7 +179,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1024, help="updates per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per run (initial parameters and data)")
     parser.add_argument("--replicas", type=int, default=4, help="fake CPU devices = mesh.data")
-    parser.add_argument("--eval-every", type=int, default=64, help="updates between held-out evaluations")
+    parser.add_argument("--eval-every", type=int, default=128, help="updates between held-out evaluations")
     parser.add_argument("--held-out", type=int, default=128, help="eval-split questions in the held-out batch")
     parser.add_argument("--plot", help="write the held-out loss curves (means over the seeds) to this PNG")
     parser.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
