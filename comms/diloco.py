@@ -18,12 +18,19 @@ sync per H steps, that is the better trade. `none` averages Δ in full precision
 Fragments (streaming): with `fragments` F, fragment f is row f, f+F, f+2F, ... of the leading axis of every leaf
 (a 0-d leaf is one row, in fragment 0). For a model whose layers are stacked on axis 0 (nn.scan) those rows are
 its layers, strided as in Streaming DiLoCo; for other leaves they are rows of the matrix. Fragment f is
-synchronised after the updates u (0-based) with (u + 1) mod H == f·H/F, so each sync moves ~1/F of the model and
-every fragment still sees H inner steps between its syncs (its first round is f·H/F steps). Each fragment has its
-own outer momentum and error rows, as they are rows of full-size buffers.
+synchronised after the updates u (0-based) with (u + 1 − W) mod H == f·H/F (W the warm-up below, 0 by default),
+so each sync moves ~1/F of the model and every fragment still sees H inner steps between its syncs (its first
+round is f·H/F steps). Each fragment has its own outer momentum and error rows, as they are rows of full-size
+buffers.
 
-The phases are "inner" and "sync0" ... "sync{F-1}" (`phase(update)`); the train loop compiles one step per phase,
-so an inner step holds no communication at all. Without a phase, a `lax.switch` on the state's count chooses.
+Warm-up (`warmup_steps` W, default 0): the first W updates average the gradients in full precision, as pmean does,
+so the replicas stay identical and the anchor follows them; the rounds then start from the warmed-up model. The
+DiLoCo paper's runs start from a checkpoint trained synchronously (24k of 88k steps), and post-local SGD (Lin et
+al. 2020) makes the same split: replicas that drift apart from a fresh initialisation average into a model that
+keeps little of their progress, while the same drift later in training averages well (BENCHMARKS.md measures it).
+
+The phases are "warmup", "inner" and "sync0" ... "sync{F-1}" (`phase(update)`); the train loop compiles one step
+per phase, so an inner step holds no communication at all. Without a phase, a `lax.switch` on the state's count chooses.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ CODECS = {
 }
 COMPRESSIONS = ("none", *CODECS)
 INNER = "inner"
+WARMUP = "warmup"
 
 
 class DiLoCoState(NamedTuple):
@@ -93,6 +101,7 @@ class DiLoCo(CommAlgorithm):
     compression: str = "none"
     fragments: int = 1
     block_size: int = 256
+    warmup_steps: int = 0
 
     def __post_init__(self):
         if not isinstance(self.inner_steps, int) or self.inner_steps < 1:
@@ -110,6 +119,8 @@ class DiLoCo(CommAlgorithm):
             raise ValueError(f"diloco: outer_learning_rate must be > 0, got {self.outer_learning_rate!r}")
         if not 0 <= self.outer_momentum < 1:
             raise ValueError(f"diloco: outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"diloco: warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not isinstance(self.block_size, int) or self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"diloco: block_size must be a positive multiple of 8, got {self.block_size!r}")
 
@@ -118,7 +129,9 @@ class DiLoCo(CommAlgorithm):
         return self.inner_steps // self.fragments
 
     def phase(self, update: int) -> Hashable:
-        taken = update + 1
+        if update < self.warmup_steps:
+            return WARMUP
+        taken = update - self.warmup_steps + 1
         if taken % self._stride:
             return INNER
         return f"sync{(taken % self.inner_steps) // self._stride}"
@@ -143,23 +156,40 @@ class DiLoCo(CommAlgorithm):
         return DiLoCoState(jnp.zeros([], jnp.int32), params, zeros, error)
 
     def reduce_gradients(self, grads, state, step, phase=None):
-        return grads, state  # inner steps are local
+        """Warm-up updates average the gradients in full precision, as pmean; after it inner steps are local."""
+        if not self.warmup_steps or phase not in (None, WARMUP):
+            return grads, state
+
+        def mean(tree):
+            leaves, treedef = jax.tree.flatten(tree)
+            return jax.tree.unflatten(treedef, self._mean(leaves))
+
+        if phase == WARMUP:
+            return mean(grads), state
+        # Typed as varying over the replicas, as the local gradients of the other branch are.
+        varying_mean = lambda tree: jax.lax.pcast(mean(tree), self.axis_name, to="varying")  # noqa: E731
+        return jax.lax.cond(state.count < self.warmup_steps, varying_mean, lambda tree: tree, grads), state
 
     def sync_parameters(self, params, state, step, phase=None):
         """Outer step of the fragment this update synchronises (none on inner steps)."""
         state = state._replace(count=state.count + 1)
-        branches = [lambda p, s: (p, s)] + [
+        # During the warm-up every replica holds the same parameters; the anchor follows them.
+        branches = [lambda p, s: (p, s), lambda p, s: (p, s._replace(anchor=p))] + [
             lambda p, s, f=f: self._sync_fragment(p, s, f) for f in range(self.fragments)
         ]
         if phase is None:
-            taken = state.count
-            index = jnp.where(taken % self._stride == 0, (taken % self.inner_steps) // self._stride + 1, 0)
-            return jax.lax.switch(index, branches, params, state)
+            taken = state.count - self.warmup_steps
+            index = jnp.where(taken % self._stride == 0, (taken % self.inner_steps) // self._stride + 2, 0)
+            return jax.lax.switch(jnp.where(taken <= 0, 1, index), branches, params, state)
         if phase == INNER:
             return params, state
+        if phase == WARMUP:
+            return branches[1](params, state)
         if not (isinstance(phase, str) and phase.startswith("sync") and phase[4:].isdigit()):
-            raise ValueError(f"diloco: unknown phase {phase!r}; its phases are 'inner' and 'sync0'..'sync{{F-1}}'")
-        return branches[1 + int(phase[4:])](params, state)
+            raise ValueError(
+                f"diloco: unknown phase {phase!r}; its phases are 'warmup', 'inner' and 'sync0'..'sync{{F-1}}'"
+            )
+        return branches[2 + int(phase[4:])](params, state)
 
     def _sync_fragment(self, params: PyTree, state: DiLoCoState, fragment: int) -> tuple[PyTree, DiLoCoState]:
         leaves, treedef = jax.tree.flatten(params)

@@ -17,9 +17,10 @@ SHAPES = {"bias": (3,), "kernel": (6, 5)}
 BLOCK = 8  # small blocks, so that a fragment of a leaf spans several
 
 
-def simulate_diloco(start, grads, *, inner_steps, fragments, learning_rate, momentum, compression):
-    """n workers, each taking SGD steps on its own gradients; after the updates t with (t + 1) mod (H/F) == 0,
-    fragment f = ((t + 1) mod H) / (H/F), i.e. rows f, f+F, ... of every leaf, gets the outer Nesterov step:
+def simulate_diloco(start, grads, *, inner_steps, fragments, learning_rate, momentum, compression, warmup=0):
+    """n workers; the first `warmup` updates are synchronous SGD on the mean gradient (the anchor follows), then
+    each takes SGD steps on its own gradients; after the updates t with (t - warmup + 1) mod (H/F) == 0, fragment
+    f = ((t - warmup + 1) mod H) / (H/F), i.e. rows f, f+F, ... of every leaf, gets the outer Nesterov step:
 
         Δ_r = anchor − x_r (+ error_r, compressed block-wise; error_r = what the blocks did not carry)
         m = μ m + mean_r Δ_r;   anchor −= lr (mean_r Δ_r + μ m);   x_r = anchor
@@ -33,10 +34,18 @@ def simulate_diloco(start, grads, *, inner_steps, fragments, learning_rate, mome
     n, stride = len(next(iter(start.values()))), inner_steps // fragments
     history = {k: [] for k in start}
     for t in range(len(next(iter(grads.values())))):
+        if t < warmup:
+            for k in x:
+                mean_gradient = ref.sum_in_order(list(grads[k][t])) / F32(n)
+                x[k] = x[k] + F32(-INNER_LEARNING_RATE) * mean_gradient[None]
+                anchor[k] = x[k].copy()
+                history[k].append(x[k].copy())
+            continue
         for k in x:
             x[k] = x[k] + F32(-INNER_LEARNING_RATE) * grads[k][t]
-        if (t + 1) % stride == 0:
-            rows = (slice(None), slice((t + 1) % inner_steps // stride, None, fragments))
+        taken = t - warmup + 1
+        if taken % stride == 0:
+            rows = (slice(None), slice(taken % inner_steps // stride, None, fragments))
             for k in x:
                 delta = anchor[k][rows] - x[k][rows]  # [n, fragment rows, ...]
                 if compression == "none":
@@ -73,6 +82,7 @@ def run(n, num_steps, seed=0, **options):
         learning_rate=algorithm.outer_learning_rate,
         momentum=algorithm.outer_momentum,
         compression=algorithm.compression,
+        warmup=algorithm.warmup_steps,
     )
     return got, want
 
@@ -96,6 +106,17 @@ def test_diloco_rounds_equal_numpy_simulation_of_n_workers(n, compression):
 def test_diloco_with_one_fragment_and_default_outer_optimizer_equals_numpy_simulation(compression):
     got, want = run(4, num_steps=9, seed=1, inner_steps=3, compression=compression)
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("compression", ["none", "int4"])
+def test_diloco_after_a_synchronous_warmup_equals_numpy_simulation(compression):
+    # 5 warm-up updates of data-parallel SGD, then 3 rounds of H = 4 in 2 fragments, starting from the warmed-up model.
+    got, want = run(4, num_steps=17, seed=7, inner_steps=4, fragments=2, compression=compression, warmup_steps=5)
+    assert_close(got, want)
+    assert [comms.get("diloco", inner_steps=4, fragments=2, warmup_steps=5).phase(u) for u in range(9)] == [
+        *["warmup"] * 5,
+        *["inner", "sync1", "inner", "sync0"],
+    ]
 
 
 def test_streaming_fragments_sync_on_their_schedule_and_only_their_rows():
@@ -145,6 +166,16 @@ def test_diloco_steps_compiled_per_phase_equal_the_run_time_switch_bitwise():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_diloco_warmup_compiled_per_phase_equals_the_run_time_switch():
+    # Equal to rounding, not bitwise: the warm-up's all-reduce inside a lax.cond is fused differently from the one
+    # of a step compiled for the warm-up alone (one ulp in the averaged gradients).
+    algorithm = comms.get("diloco", inner_steps=4, fragments=2, compression="int4", warmup_steps=3)
+    per_phase, _ = harness.train(algorithm, num_replicas=2, num_steps=10, static_phases=True)
+    switched, _ = harness.train(algorithm, num_replicas=2, num_steps=10, static_phases=False)
+    for a, b in zip(jax.tree.leaves(per_phase), jax.tree.leaves(switched)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
@@ -154,6 +185,7 @@ def test_diloco_steps_compiled_per_phase_equal_the_run_time_switch_bitwise():
         ({"outer_momentum": 1.0}, r"outer_momentum must be in \[0, 1\)"),
         ({"outer_learning_rate": 0}, "outer_learning_rate must be > 0"),
         ({"block_size": 12}, "block_size must be a positive multiple of 8"),
+        ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
     ],
 )
 def test_diloco_refuses_bad_options_with_a_sentence(options, message):
