@@ -68,9 +68,10 @@ def build_programs(
 ) -> list[Program]:
     """The programs the run executes (SFT when sft.steps > 0; RL step and sampler when rl.steps > 0) of those
     `names`, built as the trainer builds them and compiled for `mesh` at the phase of each optimizer's last update;
-    rows are `prompt_length` + sampling.max_new_tokens tokens. `for_cost` compiles the train steps' loops over
-    micro-batches and logits chunks unrolled (XLA's cost analysis counts a loop's body once), and does not stop at a
-    program that needs more memory than a chip has."""
+    rows are `prompt_length` + sampling.max_new_tokens tokens. `for_cost` compiles a program without the loops that
+    XLA's cost analysis would count once: the train steps' loops over micro-batches and logits chunks unrolled,
+    matrix multiplications not split over their shards (`_NO_WINDOWED_EINSUM`); it does not stop at a program that
+    needs more memory than a chip has."""
     architecture = config.model.qwen2_config()
     model, sft, rl = config.model, config.sft, config.rl
     dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
@@ -96,7 +97,7 @@ def build_programs(
             unroll_loops=for_cost,
         )
         batch = _batch(rows, sft.batch_size, seq, {"tokens": jnp.int32, "attention_mask": bool, "loss_mask": bool})
-        compiled = _compile(lambda s, b: step(s, b, phase=phase), (state, batch), True, not for_cost)
+        compiled = _compile(lambda s, b: step(s, b, phase=phase), (state, batch), True, for_cost)
         # A forward and a backward pass (twice the forward's FLOPs).
         attention = 3 * attention_flops(architecture, sft.batch_size * causal_pairs(seq))
         flops = 3 * dense_flops(architecture, sft.batch_size * seq) + attention
@@ -124,10 +125,11 @@ def build_programs(
             param_shardings(module, mesh),
         )
         args = (state, batch, reference)
-        compiled = _compile(lambda s, b, r: step(s, b, r, phase=phase), args, True, not for_cost)
-        # The policy's forward and backward pass, and the reference policy's forward pass; with micro-batches also
-        # the policy's forward without gradient that finds the SPR class counts (step.make_rl_step).
-        forwards = 4 + (0 < rl.micro_batch_size < size)
+        compiled = _compile(lambda s, b, r: step(s, b, r, phase=phase), args, True, for_cost)
+        # The policy's forward and backward pass, and the reference policy's forward pass; with micro-batches and the
+        # agreement filter also the policy's forward without gradient that finds the SPR class counts
+        # (step.make_rl_step; without the filter the counts need no scores).
+        forwards = 4 + (0 < rl.micro_batch_size < size and rl.spr_agreement_filter)
         attention = forwards * attention_flops(architecture, size * causal_pairs(seq))
         flops = forwards * dense_flops(architecture, size * seq) + attention
         parts = {**_state_bytes(state), "reference": _bytes_per_chip(reference), "batch": _bytes_per_chip(batch)}
@@ -140,7 +142,7 @@ def build_programs(
         prompts = _batch(rows, rl.prompts_per_step, prompt_length, {"tokens": jnp.int32, "mask": bool})
         key = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=_sharded(mesh, P()))
         args = (state.params, prompts["tokens"], prompts["mask"], key)
-        compiled = _compile(sampler, args, False, not for_cost)
+        compiled = _compile(sampler, args, False, for_cost)
         # The prefill over the prompts (splash attention) and one decode step of every row, over the whole cache
         # (XLA counts the decode loop's body once, and the loop over rollout chunks once).
         chunk = rl.rollout_batch_size or rl.prompts_per_step
@@ -160,21 +162,30 @@ def _state_bytes(state) -> dict[str, int]:
     }
 
 
-def _compile(fn: Callable, args: tuple, donate: bool, check_memory: bool) -> tuple[jax.stages.Compiled, int | None]:
+def _compile(fn: Callable, args: tuple, donate: bool, for_cost: bool) -> tuple[jax.stages.Compiled, int | None]:
     """jit(fn) lowered with the abstract arguments (their shardings are the jit's) and compiled, and the temporaries
-    it needs where they do not fit a chip. A train step donates its state, as the run's own jit does."""
+    it needs where they do not fit a chip. A train step donates its state, as the run's own jit does. `for_cost`:
+    see `build_programs`."""
     lowered = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*args)
-    if check_memory:
-        try:
-            return lowered.compile(), None
-        except jax.errors.JaxRuntimeError as e:
-            needed = _OUT_OF_MEMORY.search(str(e))
-            if needed is None:
-                raise
-    else:
-        needed = None
-    compiled = lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": "true"})
-    return compiled, None if needed is None else int(float(needed.group(1)) * 2**30)
+    if for_cost:
+        return lowered.compile(compiler_options={**_NO_OOM_CHECK, **_NO_WINDOWED_EINSUM}), None
+    try:
+        return lowered.compile(), None
+    except jax.errors.JaxRuntimeError as e:
+        needed = _OUT_OF_MEMORY.search(str(e))
+        if needed is None:
+            raise
+    return lowered.compile(compiler_options=_NO_OOM_CHECK), int(float(needed.group(1)) * 2**30)
+
+
+_NO_OOM_CHECK = {"xla_tpu_no_crash_on_oom": "true"}
+# The TPU compiler splits a matrix multiplication whose operand it all-gathers (or whose result it reduce-scatters)
+# into a loop over the shards that overlaps the transfers ("windowed einsum"). Its cost analysis counts that loop's
+# body once; without the split, the same multiplications and transfers are counted whole.
+_NO_WINDOWED_EINSUM = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": "false",
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": "false",
+}
 
 
 # The TPU compiler's words for a program that does not fit (sizes in GiB).

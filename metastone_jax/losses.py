@@ -90,7 +90,8 @@ def chunked_next_token_scores(
         x = jnp.pad(x, ((0, 0), (0, chunks * chunk - length)) + ((0, 0),) * (x.ndim - 2))
         return jnp.swapaxes(x.reshape(batch, chunks, chunk, *x.shape[2:]), 0, 1)
 
-    scores = jax.checkpoint(lambda h, t: _target_scores(project(h), t), prevent_cse=False)
+    # Unrolled, the chunks need the barriers against common-subexpression elimination that the loop gives rolled.
+    scores = jax.checkpoint(lambda h, t: _target_scores(project(h), t), prevent_cse=unroll)
     per_chunk = jax.lax.scan(
         lambda _, pair: (None, scores(*pair)), None, (in_chunks(predicting), in_chunks(targets)), unroll=unroll
     )[1]

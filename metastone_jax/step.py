@@ -249,7 +249,9 @@ def make_rl_step(
             ref_logprobs = scores(ref_params, ref_hidden, micro_batch["tokens"])[0]
             if micro_batches == 1:
                 return ref_logprobs, None
-            return ref_logprobs, policy_forward(params, micro_batch).step_logits
+            # Unrolled, XLA would merge this forward with the gradient pass's; the rolled loops keep them apart.
+            policy = jax.lax.optimization_barrier(params) if unroll_loops else params
+            return ref_logprobs, policy_forward(policy, micro_batch).step_logits
 
         ref_logprobs, step_logits = jax.lax.scan(
             lambda _, micro_batch: (None, without_gradient(micro_batch)), None, micro, unroll=unroll_loops

@@ -11,6 +11,7 @@ slot i attends to key slots j <= i whose `kv_mask` is True (left padding is mask
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -221,8 +222,11 @@ class Qwen2Model(nn.Module):
         )
         # cache_index (argument 5, counting self) stays static through remat where it is a Python int (training,
         # prefill): traced, it would send those passes down the decoding path, full [seq, kv_len] scores per head,
-        # instead of the platform's kernel. A traced index (decoding) stays traced.
-        layer = nn.remat(DecoderLayer, prevent_cse=False, static_argnums=(5,)) if self.remat else DecoderLayer
+        # instead of the platform's kernel. A traced index (decoding) stays traced. Unrolled layers need remat's
+        # barriers against common-subexpression elimination, which would merge the recomputation with the forward
+        # pass (and keep its activations); the scan's loops keep them apart, so scanned layers go without.
+        remat = functools.partial(nn.remat, prevent_cse=not self.scan_layers, static_argnums=(5,))
+        layer = remat(DecoderLayer) if self.remat else DecoderLayer
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0},
