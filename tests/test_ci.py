@@ -79,11 +79,13 @@ def test_the_commands_are_the_readme_s_first_two_bash_blocks():
 
 
 RUFF = re.search(r"ruff==[0-9.]+", (REPO / "pyproject.toml").read_text()).group()
-# What .ci/run runs after the main job: ruff at the test extra's version, then the README's test command.
+# What .ci/run runs after the main job: ruff at the test extra's version, libtpu (the tpu extra) for the TPU compile
+# tests, then the README's test command.
 AFTER_MAIN = [
     f"pip install -q {RUFF}",
     "ruff format --check .",
     "ruff check .",
+    "pip install -q -e .[tpu]",
     "setup_system",
     "pip install -q -e .[test]",
     "python -m pytest -q",
