@@ -155,6 +155,7 @@ def test_json_output_has_one_object_per_program_with_the_documented_keys(capsys,
 
 
 @requires_libtpu
+@pytest.mark.slow  # six TPU compiles (5-6 min on 2 cores); the tiny programs' figures above run by default
 def test_a_micro_batched_steps_cost_is_that_of_the_same_step_without_loops():
     """XLA counts a loop's body once. The RL step over 4 micro-batches of 8 rows, each scoring its 80 positions in
     5 logits chunks, with 4 scanned layers: the costs extrapolated from twins of 2 and 3 layers and micro-batches
