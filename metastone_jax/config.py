@@ -189,11 +189,19 @@ class SFTConfig:
     batch_size: PositiveCount = 32
     learning_rate: NonNegative = 1e-5
     warmup_steps: Count = 20
+    # The learning rate after the linear warm-up: `constant` at learning_rate, or `cosine` from learning_rate down
+    # to 0 at `steps` (as DiLoCo's paper trains; a constant rate leaves each run at its own noise floor).
+    decay: Literal["constant", "cosine"] = "constant"
     # Rows per micro-batch: one update accumulates the gradients of batch_size / micro_batch_size forward-backward
     # passes (0: one pass), equal to the one-pass update. A multiple of the `data` axis size.
     micro_batch_size: Count = 0
 
     def __post_init__(self):
+        if self.decay == "cosine" and 0 < self.steps <= self.warmup_steps:
+            raise ValueError(
+                f"sft.decay=cosine decays after the warm-up, so sft.warmup_steps={self.warmup_steps} must be below "
+                f"sft.steps={self.steps}"
+            )
         _check_micro_batch("sft.micro_batch_size", self.micro_batch_size, "sft.batch_size", self.batch_size)
 
 

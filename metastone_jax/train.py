@@ -28,7 +28,7 @@ from tqdm import tqdm
 from comms.centralized import OneBit
 from metastone_jax import tts
 from metastone_jax.checkpoint import Checkpointer, CheckpointError
-from metastone_jax.config import RunConfig
+from metastone_jax.config import RunConfig, SFTConfig
 from metastone_jax.config_loading import ConfigError, load_config, resolve_run_dir, save_config
 from metastone_jax.data import arithmetic_dataset, file_dataset, start_workers
 from metastone_jax.distributed import initialize_from_env
@@ -43,6 +43,15 @@ from metastone_jax.train_state import TrainState, abstract_train_state, init_tra
 
 PyTree = Any
 COMPILATION_CACHE_BYTES = 4 << 30  # the persistent compilation cache's bound
+
+
+def sft_schedule(sft: SFTConfig) -> optax.Schedule:
+    """The policy's SFT learning rate by update: a linear warm-up from 0, then constant or a cosine down to 0."""
+    warmup = max(sft.warmup_steps, 1)
+    if sft.decay == "cosine":
+        # max(): sft.steps=0 skips SFT, and the config refuses a cosine over no updates otherwise.
+        return optax.warmup_cosine_decay_schedule(0.0, sft.learning_rate, warmup, max(sft.steps, warmup + 1))
+    return optax.linear_schedule(0.0, sft.learning_rate, warmup)
 
 
 def train_dataset(config: RunConfig, batch_size: int):
@@ -108,8 +117,7 @@ class Trainer:
         self.param_shardings = param_shardings(self.module, self.mesh)
         # One optimizer structure for both phases (a schedule each), so one checkpoint layout restores either.
         sft, rl = config.sft, config.rl
-        sft_schedule = optax.linear_schedule(0.0, sft.learning_rate, max(sft.warmup_steps, 1))
-        self.sft_tx = make_optimizer(self.algorithm, sft_schedule, head_learning_rate=optax.constant_schedule(0.0))
+        self.sft_tx = make_optimizer(self.algorithm, sft_schedule(sft), head_learning_rate=optax.constant_schedule(0.0))
         # The head's warm-up: the policy's learning rate is 0 for the first rl.head_warmup_steps updates.
         rl_schedule = optax.join_schedules(
             [optax.constant_schedule(0.0), optax.constant_schedule(rl.learning_rate)], [rl.head_warmup_steps]

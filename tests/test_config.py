@@ -271,6 +271,16 @@ def test_micro_and_rollout_batch_sizes_must_divide_their_batches():
     assert (config.rl.micro_batch_size, config.rl.rollout_batch_size, config.model.logits_chunk) == (8, 4, 16)
 
 
+def test_the_sft_decay_is_one_of_its_names_and_needs_updates_after_the_warmup():
+    assert (
+        "sft.decay='linear'" in (message := _error(None, ["sft.decay=linear"])) and "'constant' or 'cosine'" in message
+    )
+    message = _error(None, ["sft.steps=20", "sft.warmup_steps=20", "sft.decay=cosine"])
+    assert "sft.decay=cosine decays after the warm-up, so sft.warmup_steps=20 must be below sft.steps=20" in message
+    assert load_config(None, ["sft.steps=0", "sft.decay=cosine"]).sft.decay == "cosine"  # SFT skipped: nothing to decay
+    assert load_config(None).sft.decay == "constant"
+
+
 def test_the_head_warmup_is_part_of_the_rl_steps():
     message = _error(None, ["rl.steps=10", "rl.head_warmup_steps=11"])
     assert "rl.head_warmup_steps=11 exceeds rl.steps=10" in message

@@ -141,6 +141,21 @@ def test_onebit_gradients_under_adamw_warn_and_name_onebit_adam(tmp_path):
     trainer.checkpointer.close()
 
 
+@pytest.mark.parametrize("decay", ["constant", "cosine"])
+def test_the_sft_learning_rate_warms_up_linearly_then_stays_or_follows_a_cosine_to_zero(decay):
+    peak, warmup, steps = 3e-3, 10, 110
+    sft = load_config(
+        None, [f"sft.learning_rate={peak}", f"sft.warmup_steps={warmup}", f"sft.steps={steps}", f"sft.decay={decay}"]
+    ).sft
+    t = np.array([0, 1, 5, 9, 10, 11, 35, 60, 85, 109, 110])
+    after = np.clip((t - warmup) / (steps - warmup), 0, 1)
+    decayed = 0.5 * (1 + np.cos(np.pi * after)) if decay == "cosine" else np.ones_like(after)
+    want = np.where(t < warmup, peak * t / warmup, peak * decayed)
+    got = np.array([train.sft_schedule(sft)(int(i)) for i in t])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=peak * 1e-6)  # float32 near 0
+    assert decay == "constant" or (got[-1] == 0 and got[7] == pytest.approx(peak / 2))
+
+
 def test_the_head_warmup_trains_the_head_and_leaves_the_policy_where_it_started(tmp_path):
     overrides = ["sft.steps=0", "rl.steps=2", "rl.head_warmup_steps=2", "eval.questions=0", f"run_dir={tmp_path}"]
     trainer = Trainer(load_config(None, TINY + overrides), tmp_path)
