@@ -6,8 +6,8 @@
 Every run is the main job's SFT phase (`metastone_jax.train.Trainer`, `rl.steps=0`) on the embedded arithmetic
 task, on `--replicas` fake CPU devices (`mesh.data`); every run is repeated under seeds 0..--seeds-1 (initial
 parameters and training stream), so that runs of one seed start from the same parameters and see the same batches.
-The key=value arguments (before --runs) override the config of every run; the default is the tiny shape of
-tests/test_train.py. A run is `pmean` or `diloco` with its options in brackets, as comms_bench's labels.
+The key=value arguments (before --runs) override the config of every run, the `micro` preset (the shape of
+tests/test_train.py). A run is `pmean` or `diloco` with its options in brackets, as comms_bench's labels.
 
 The loss compared is that of the synchronised model, the one a run ends with: pmean's parameters, DiLoCo's anchor
 right after a sync (every --eval-every updates, a multiple of H), as next-token cross entropy on the reference
@@ -29,19 +29,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.architecture.hidden_size=32",
-    "model.architecture.intermediate_size=64",
-    "model.architecture.num_hidden_layers=2",
-    "model.architecture.num_attention_heads=2",
-    "model.architecture.num_key_value_heads=1",
-    "sft.batch_size=8",
-    "sft.learning_rate=1e-2",
-    "sft.warmup_steps=1",
-    "rl.steps=0",
-    "eval.questions=0",
-    "checkpoint.every=0",
-]
+PRESET = "micro"  # configs/micro.yaml, the shape of tests/test_train.py
+SFT_ONLY = ["rl.steps=0", "eval.questions=0", "checkpoint.every=0"]
 # The paper's outer optimizer (lr 0.7, Nesterov 0.9) from the start and after a synchronous warm-up, and plain
 # averaging of the pseudo-gradients (outer lr 1, no momentum) after the warm-up, uncompressed and in 4 bits.
 AVERAGING = "[outer_momentum=0.0][outer_learning_rate=1.0][warmup_steps=64]"
@@ -102,8 +91,8 @@ def train_run(run: str, overrides: list[str], steps: int, replicas: int, eval_ev
     name, options = parse_run(run)
     with tempfile.TemporaryDirectory() as run_dir:
         config = load_config(
-            None,
-            [*TINY, *overrides, f"sft.steps={steps}", f"mesh.data={replicas}", "mesh.fsdp=1", f"run_dir={run_dir}"]
+            PRESET,
+            [*SFT_ONLY, *overrides, f"sft.steps={steps}", f"mesh.data={replicas}", "mesh.fsdp=1", f"run_dir={run_dir}"]
             + [f"comm.algorithm={name}", f"comm.options={json.dumps(options)}"],
         )
         trainer = Trainer(config, Path(run_dir))

@@ -18,15 +18,8 @@ from metastone_jax.data import ArithmeticTask, build_arithmetic_tokenizer
 from metastone_jax.models.reflective import HEAD
 from metastone_jax.train import Trainer, main
 
+PRESET = "micro"  # configs/micro.yaml: the tiny preset at width 32 and 2 layers
 TINY = [
-    "model.architecture.hidden_size=32",
-    "model.architecture.intermediate_size=64",
-    "model.architecture.num_hidden_layers=2",
-    "model.architecture.num_attention_heads=2",
-    "model.architecture.num_key_value_heads=1",
-    "sft.batch_size=8",
-    "sft.learning_rate=1e-2",
-    "sft.warmup_steps=1",
     "rl.prompts_per_step=4",
     "rl.group_size=2",
     "sampling.max_new_tokens=12",
@@ -49,7 +42,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 )
 def test_trains_with_a_comms_algorithm_on_4_replicas(tmp_path, algorithm, options):
     config = load_config(
-        None,
+        PRESET,
         TINY
         + [
             "mesh.data=4",
@@ -94,7 +87,7 @@ def test_malformed_data_line_stops_with_one_error_line_naming_file_and_line(caps
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-RESUME_ARGS = TINY + ["sft.steps=6", "rl.steps=4", "checkpoint.every=2", "eval.questions=0"]
+RESUME_ARGS = [PRESET, *TINY, "sft.steps=6", "rl.steps=4", "checkpoint.every=2", "eval.questions=0"]
 
 
 def _launch(run_dir: Path) -> subprocess.Popen:
@@ -135,7 +128,7 @@ def test_killed_run_resumes_with_the_same_metrics(tmp_path):
 
 
 def test_onebit_gradients_under_adamw_warn_and_name_onebit_adam(tmp_path):
-    config = load_config(None, TINY + ["mesh.data=2", "comm.algorithm=onebit", f"run_dir={tmp_path}"])
+    config = load_config(PRESET, TINY + ["mesh.data=2", "comm.algorithm=onebit", f"run_dir={tmp_path}"])
     with pytest.warns(UserWarning, match="onebit_adam"):
         trainer = Trainer(config, tmp_path)
     trainer.checkpointer.close()
@@ -158,7 +151,7 @@ def test_the_sft_learning_rate_warms_up_linearly_then_stays_or_follows_a_cosine_
 
 def test_the_head_warmup_trains_the_head_and_leaves_the_policy_where_it_started(tmp_path):
     overrides = ["sft.steps=0", "rl.steps=2", "rl.head_warmup_steps=2", "eval.questions=0", f"run_dir={tmp_path}"]
-    trainer = Trainer(load_config(None, TINY + overrides), tmp_path)
+    trainer = Trainer(load_config(PRESET, TINY + overrides), tmp_path)
     start = jax.tree.map(np.asarray, trainer.initial_params())
     trainer.run()
     end = jax.tree.map(lambda p: np.asarray(p)[0], trainer.state.params)
@@ -171,17 +164,10 @@ def test_a_run_continues_from_the_model_a_previous_run_exported(tmp_path):
     """model.pretrained reads a run's export (config.json, safetensors, score_module.pt, tokenizer.json) back whole."""
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     short = TINY + ["mesh.data=1", "sft.steps=1", "rl.steps=0", "eval.questions=0"]
-    first = Trainer(load_config(None, short + ["sft.steps=2", "rl.steps=0", f"run_dir={first_dir}"]), first_dir)
+    first = Trainer(load_config(PRESET, short + ["sft.steps=2", "rl.steps=0", f"run_dir={first_dir}"]), first_dir)
     first.run()
-    # The architecture comes from config.json: the overrides of the tiny shape are dropped on purpose.
-    second_config = load_config(
-        None,
-        [
-            *[o for o in short if not o.startswith("model.architecture")],
-            f"model.pretrained={first_dir / 'model'}",
-            f"run_dir={second_dir}",
-        ],
-    )
+    # The architecture comes from config.json: the tiny preset's width 128 is left on purpose.
+    second_config = load_config(None, [*short, f"model.pretrained={first_dir / 'model'}", f"run_dir={second_dir}"])
     assert second_config.model.qwen2_config().hidden_size == 32
     second = Trainer(second_config, second_dir)
     assert second.tokenizer.vocab_size == first.tokenizer.vocab_size
@@ -201,7 +187,15 @@ def loaded_leaf(tree, path):
 
 
 # No evaluation: the evaluate CLI's own 2-process test covers it (tests/test_evaluate.py).
-MULTI_PROCESS_ARGS = TINY + ["mesh.data=2", "sft.steps=2", "rl.steps=1", "checkpoint.every=3", "eval.questions=0"]
+MULTI_PROCESS_ARGS = [
+    PRESET,
+    *TINY,
+    "mesh.data=2",
+    "sft.steps=2",
+    "rl.steps=1",
+    "checkpoint.every=3",
+    "eval.questions=0",
+]
 
 
 def test_two_processes_through_the_launcher_train_and_resume_like_one_process_with_two_devices(tmp_path):
@@ -270,7 +264,7 @@ print("CACHE " + json.dumps(counts))
 
 
 def test_a_second_run_loads_every_program_from_the_compilation_cache_next_to_the_runs(tmp_path):
-    args = TINY + ["mesh.data=2", "sft.steps=0", "rl.steps=1", "eval.questions=0"]
+    args = [PRESET, *TINY, "mesh.data=2", "sft.steps=0", "rl.steps=1", "eval.questions=0"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env.pop("JAX_ENABLE_COMPILATION_CACHE", None)  # tests/conftest.py turns the cache off for the test run
@@ -309,7 +303,7 @@ jax.monitoring.register_event_duration_secs_listener(COMPILE_LOG)
 @pytest.mark.slow  # the default run keeps the cross-run cache test; this one compiles every RL width
 def test_a_warm_step_compiles_nothing_and_a_new_batch_width_only_the_step(tmp_path, monkeypatch):
     """Eager jnp work in the loop (one small program per shape) or a retraced step would compile again every step."""
-    config = load_config(None, TINY + ["sft.steps=2", "rl.steps=3", "eval.questions=0", f"run_dir={tmp_path}"])
+    config = load_config(PRESET, TINY + ["sft.steps=2", "rl.steps=3", "eval.questions=0", f"run_dir={tmp_path}"])
     trainer = Trainer(config, tmp_path)
     widths = []  # the batch width of every step, in order
 
