@@ -28,7 +28,7 @@ import numpy as np
 
 import comms
 from metastone_jax.aot_programs import Program, build_programs
-from metastone_jax.config import RunConfig
+from metastone_jax.config import CommConfig, RunConfig
 from metastone_jax.config_loading import ConfigError, load_config
 from metastone_jax.sharding import make_mesh, slice_count
 
@@ -183,8 +183,11 @@ def _costs(config: RunConfig, mesh, programs: list[Program], prompt_length: int)
     (their loops, and those over logits chunks, unrolled). The twins run one replica group's share of the batch on
     its devices (data=1): every group computes alike, and the replica axis's collectives (the optimizer's, outside
     any loop) are read from the programs themselves. (Shardy, jax 0.10.2, aborts on the twins over several replicas:
-    two splash calls with segment ids in one program inside the step's shard_map.) The sampler's loops (decoding,
-    rollout chunks) stay counted once, as its model FLOPs are.
+    two splash calls with segment ids in one program inside the step's shard_map.) On one replica group the
+    algorithm's communication is void, so the twins update with pmean's AdamW: XLA's cost model cannot time the
+    compressed algorithms' collectives over a one-device axis (1-bit Adam's all-to-alls give no roofline time), and
+    their optimizers differ from AdamW only in per-parameter work, small beside the model's. The sampler's loops
+    (decoding, rollout chunks) stay counted once, as its model FLOPs are.
     """
     data = mesh.shape["data"]
     replica_mesh = jax.sharding.Mesh(mesh.devices[:1], mesh.axis_names, axis_types=mesh.axis_types)
@@ -192,6 +195,7 @@ def _costs(config: RunConfig, mesh, programs: list[Program], prompt_length: int)
         config,
         sft=_per_replica(config.sft, data, "batch_size", "micro_batch_size"),
         rl=_per_replica(config.rl, data, "prompts_per_step", "micro_batch_size", "rollout_batch_size"),
+        comm=CommConfig(),
     )
     layers = config.model.qwen2_config().num_hidden_layers
     micro_batches = _micro_batches(replica)

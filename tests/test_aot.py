@@ -175,6 +175,17 @@ def test_a_micro_batched_steps_cost_is_that_of_the_same_step_without_loops():
     assert looped["flops"] < counted["flops"] / 4  # what the step's own cost analysis says
 
 
+@requires_libtpu
+def test_a_compressed_algorithms_step_gets_a_roofline_time_and_an_mfu():
+    # 1-bit Adam after its warm-up: its all-to-alls over a one-device replica axis have no roofline time in XLA's
+    # cost model, so the twins that the estimate comes from must not contain them.
+    config = load_config("tiny", ["rl.steps=0", "comm.algorithm=onebit_adam", "comm.options={warmup_steps: 1}"])
+    devices = aot.tpu_devices("v5p:2x2x1", 1)
+    (report,) = aot.check(config, devices, "tiny", "v5p:2x2x1", prompt_length=32)
+    assert report.program == "sft_step" and report.phase == "compressed"
+    assert report.optimal_seconds > 0 and 0 < report.mfu_estimate < 1
+
+
 def dcn_bytes(algorithm: list[str]) -> int:
     """Bytes per chip that the RL step sends across the 2 slices of 2 x v5p:2x2x1 (data=2 over the slices)."""
     config = load_config("tiny", ["sft.steps=0", "mesh.data=2", *algorithm])
