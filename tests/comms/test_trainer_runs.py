@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_train import PRESET
 from tests.test_train import TINY as TRAIN_TINY
 
 REPO = Path(__file__).parents[2]
-TINY = [*TRAIN_TINY, "eval.questions=0"]  # the trainer tests' tiny run, without its evaluation
+TINY = [PRESET, *TRAIN_TINY, "eval.questions=0"]  # the trainer tests' tiny run, without its evaluation
 DILOCO = ["comm.algorithm=diloco", "comm.options={inner_steps: 2, compression: int4}"]
 
 
